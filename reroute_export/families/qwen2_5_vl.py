@@ -1,0 +1,55 @@
+"""Qwen2.5-VL: windowed ViT + patch merger + Qwen2 decoder with 3-D mRoPE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..registry import register_family
+from .base import Family
+
+
+@register_family
+class Qwen25VL(Family):
+    name = "qwen2.5-vl"
+    architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    reference_spec = "qwen2.5-vl-7b"
+    tiny_spec = "tiny-qwen2.5-vl"
+    position_dims = 3
+
+    @classmethod
+    def image_features(cls, model: nn.Module, inputs: Any) -> torch.Tensor:
+        out = model.model.get_image_features(
+            inputs.pixel_values.to(model.dtype), inputs.image_grid_thw, return_dict=True
+        )
+        return torch.cat(list(out.pooler_output), dim=0)  # (sum_i t*h*w/merge^2, D)
+
+    @classmethod
+    def positions(cls, model: nn.Module, inputs: Any) -> torch.Tensor:
+        ids = inputs.input_ids
+        kinds = (ids == cls.image_token_id(model)).int()  # mm_token_type_ids: 1 = image
+        pos, _ = model.model.get_rope_index(
+            ids, mm_token_type_ids=kinds, image_grid_thw=inputs.image_grid_thw,
+            attention_mask=inputs.attention_mask,
+        )
+        return pos  # (3, B, L)
+
+    @classmethod
+    def spec_overrides(cls, config: Any) -> dict[str, Any]:
+        t, v = config.text_config, config.vision_config
+        heads = t.num_attention_heads
+        return {
+            "text": dict(
+                num_layers=t.num_hidden_layers, hidden_size=t.hidden_size, num_heads=heads,
+                num_kv_heads=t.num_key_value_heads or heads,
+                head_dim=getattr(t, "head_dim", None) or t.hidden_size // heads,
+                intermediate_size=t.intermediate_size, vocab_size=t.vocab_size,
+            ),
+            "vision": dict(
+                patch_size=v.patch_size, num_layers=v.depth, hidden_size=v.hidden_size,
+                intermediate_size=v.intermediate_size,
+            ),
+        }

@@ -1,0 +1,183 @@
+"""Model families and model names, declared once.
+
+`--model` takes a name from graphs/ (e.g. `llava-1.5-7b`, `tiny-llava`) or a local HF
+checkpoint folder whose config.json names a registered architecture. Real checkpoints
+load from that folder or the local HF cache only; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import MissingCheckpoint, UserError
+from .spec import GraphSpec, TextSpec, VisionSpec, known_specs, load_spec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .families.base import Family
+    from .preprocess import Preprocessor
+
+_FAMILIES: dict[str, type["Family"]] = {}
+
+
+def register_family(cls: type["Family"]) -> type["Family"]:
+    """Class decorator: make a family known by name and by HF architecture."""
+    _FAMILIES[cls.name] = cls
+    return cls
+
+
+def families() -> dict[str, type["Family"]]:
+    from . import families as _  # noqa: F401  (imports register every family)
+
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> type["Family"]:
+    known = families()
+    if name not in known:
+        raise UserError(f"unknown family {name!r}; known: {', '.join(known)}")
+    return known[name]
+
+
+def family_for_architecture(arch: str) -> type["Family"]:
+    for fam in families().values():
+        if arch in fam.architectures:
+            return fam
+    supported = sorted(a for f in families().values() for a in f.architectures)
+    raise UserError(f"unsupported architecture {arch}; supported: {', '.join(supported)}")
+
+
+def known_models() -> list[str]:
+    return list(known_specs())
+
+
+@dataclass
+class Loaded:
+    """A model ready for routing: its spec, family, HF module and preprocessor."""
+
+    spec: GraphSpec
+    family: type["Family"]
+    model: "nn.Module"
+    preprocessor: "Preprocessor"
+
+
+# ---------------------------------------------------------------- checkpoint folders
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not a checkpoint folder: config.json is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+
+
+def _check_weights(folder: Path) -> None:
+    if not (list(folder.glob("*.safetensors")) or list(folder.glob("pytorch_model*.bin"))):
+        raise UserError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def _folder_family(folder: Path) -> type["Family"]:
+    archs = _read_config(folder).get("architectures") or []
+    if not archs:
+        raise UserError(f"{folder}/config.json names no architecture")
+    return family_for_architecture(archs[0])
+
+
+def _spec_for_config(name: str, family: type["Family"], config: Any, visual_tokens: int | None) -> GraphSpec:
+    """A checkpoint's spec: its own widths, schedules from the closest registered spec."""
+    over = family.spec_overrides(config)
+    same_family = [s for s in known_specs().values() if s.family == family.name]
+    exact = [s for s in same_family if s.text.num_layers == over["text"]["num_layers"]
+             and s.text.hidden_size == over["text"]["hidden_size"]]
+    base = exact[0] if exact else load_spec(family.reference_spec).with_layers(over["text"]["num_layers"])
+    vision = {**base.vision.__dict__, **over["vision"]}
+    if visual_tokens is not None:
+        vision["visual_tokens"] = visual_tokens
+    return replace(base, name=name, checkpoint=None, text=TextSpec(**over["text"]), vision=VisionSpec(**vision))
+
+
+def _hub_folder(spec: GraphSpec) -> Path:
+    """The local HF-cache snapshot of a registered checkpoint, or a one-line error."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.checkpoint, local_files_only=True))
+    except Exception:  # noqa: BLE001  (any miss means: not available offline)
+        raise MissingCheckpoint(
+            f"{spec.name}: checkpoint {spec.checkpoint} is not in the local HF cache; "
+            f"run `huggingface-cli download {spec.checkpoint}` on a connected machine "
+            f"(or copy it here) and pass --model /path/to/folder or set HF_HOME"
+        ) from None
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def resolve_spec(model: str) -> GraphSpec:
+    """The static spec of `model` without loading weights (enough for `plan`)."""
+    folder = Path(model)
+    if folder.is_dir():
+        family = _folder_family(folder)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+        return _spec_for_config(folder.name, family, config, _folder_visual_tokens(folder, family))
+    if model in known_specs():
+        return load_spec(model)
+    if "/" in model or model.startswith("."):
+        raise UserError(f"checkpoint folder {model} does not exist")
+    return load_spec(model)  # raises the unknown-model error with the known list
+
+
+def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
+    from .preprocess import Preprocessor
+
+    try:
+        return Preprocessor.from_pretrained(folder, family.name).visual_tokens
+    except Exception:  # noqa: BLE001  (a folder without processor files: spec default)
+        return None
+
+
+def load(model: str, dtype: "torch.dtype | None" = None) -> Loaded:
+    """Spec, family, HF model (eval mode) and preprocessor for `model`."""
+    import torch
+
+    dtype = dtype or torch.float32
+    folder = Path(model)
+    if not folder.is_dir():
+        spec = resolve_spec(model)
+        family = get_family(spec.family)
+        if spec.checkpoint is None:
+            return _load_tiny(spec, family, dtype)
+        folder = _hub_folder(spec)
+    return _load_folder(folder, dtype, name=model if not Path(model).is_dir() else None)
+
+
+def _load_tiny(spec: GraphSpec, family: type["Family"], dtype: "torch.dtype") -> Loaded:
+    from . import tiny
+
+    builder = {"llava": tiny.tiny_llava, "qwen2.5-vl": tiny.tiny_qwen2_5_vl}[family.name]
+    model, pre = builder()
+    return Loaded(spec, family, model.to(dtype).eval(), pre)
+
+
+def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None) -> Loaded:
+    import transformers
+
+    from .preprocess import Preprocessor
+
+    family = _folder_family(folder)
+    _check_weights(folder)
+    cls = getattr(transformers, family.model_class)
+    model = cls.from_pretrained(folder, dtype=dtype).eval()
+    pre = Preprocessor.from_pretrained(folder, family.name)
+    spec = _spec_for_config(name or folder.name, family, model.config, pre.visual_tokens)
+    return Loaded(spec, family, model, pre)
