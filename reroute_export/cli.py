@@ -1,0 +1,233 @@
+"""The `reroute-export` console script: subcommands over the typed library API.
+
+Exit codes: 0 success; 1 a check failed; 2 could not run (bad input, missing
+checkpoint: one line on stderr, no traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .errors import UserError
+
+# ---------------------------------------------------------------- argument groups
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registered name (see `reroute-export models`) or a local checkpoint folder")
+
+
+def add_plan_args(p: argparse.ArgumentParser, default_method: str = "reroute") -> None:
+    g = p.add_argument_group("routing plan")
+    g.add_argument("--method", default=default_method, choices=["none", "fastv", "pdrop", "reroute"])
+    g.add_argument("--budget", type=float, help="average visual tokens per decoder layer")
+    g.add_argument("--schedule", help="named schedule shape from the model's graph spec (e.g. reroute-fastv)")
+    g.add_argument("--drop-layers", type=_ints, help="decision layers, 0-based, e.g. 2,7,15,23")
+    g.add_argument("--keep-ratios", type=_floats, help="keep ratio per decision layer, of the original N")
+    g.add_argument("--keep", type=_ints, help="keep count per decision layer, e.g. 152,152,76,38")
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inputs (an image and prompt, or processor outputs as .npy)")
+    g.add_argument("--image", help="image file")
+    g.add_argument("--prompt", help="question about the image")
+    g.add_argument("--input-ids", help="int64 [1, L] token ids (.npy)")
+    g.add_argument("--pixel-values", help="float32 pixel values in the model's layout (.npy)")
+    g.add_argument("--image-grid-thw", help="int64 [1, 3] image grid (.npy, qwen2.5-vl)")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def plan_from_args(spec: Any, args: argparse.Namespace):
+    from .plan import make_plan
+
+    return make_plan(
+        spec, args.method, budget=args.budget, schedule=args.schedule,
+        drop_layers=args.drop_layers, keep_ratios=args.keep_ratios, keep=args.keep,
+    )
+
+
+# ---------------------------------------------------------------- printing
+
+
+def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    if isinstance(v, list):
+        return "-".join(str(x) for x in v)
+    return str(v)
+
+
+def emit_json(path: str, payload: dict[str, Any]) -> None:
+    if path == "-":
+        print(json.dumps(payload, indent=1))
+        return
+    from .trace import save_json
+
+    save_json(path, payload)
+
+
+# ---------------------------------------------------------------- subcommands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .spec import known_specs
+
+    rows = [{"model": s.name, "family": s.family, "layers": s.text.num_layers, "visual tokens": s.vision.visual_tokens,
+             "checkpoint": s.checkpoint or "built in code"} for s in known_specs().values()]
+    print(table(rows, ["model", "family", "layers", "visual tokens", "checkpoint"]))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_report
+    from .registry import resolve_spec
+
+    spec = resolve_spec(args.model)
+    report = plan_report(spec, plan_from_args(spec, args), args.text_tokens)
+    if args.json:
+        emit_json(args.json, report)
+    if not args.quiet and args.json != "-":
+        print_plan(report, args.budget)
+    return 0
+
+
+def print_plan(r: dict[str, Any], budget: float | None) -> None:
+    print(f"{r['model']}  method={r['method']}  layers={r['num_layers']}  "
+          f"N={r['visual_tokens']} visual + {r['text_tokens']} text tokens")
+    rows = [{"decision": "-" if g["layer"] < 0 else g["layer"], "layers": g["layers"], "K": g["keep"],
+             "ratio": g.get("ratio", 1.0), "tokens/layer": g["keep"] + r["text_tokens"]} for g in r["layer_groups"]]
+    print(table(rows, ["decision", "layers", "K", "ratio", "tokens/layer"]))
+    met = "" if budget is None else f"  (budget {budget:g}: off by {r['avg_visual_tokens'] - budget:+.2f})"
+    print(f"avg visual tokens per layer: {r['avg_visual_tokens']:.2f}{met}")
+    print(f"theoretical prefill speedup (token-layers vs none): {r['theoretical_speedup']:.3f}x")
+    print(f"prefill TFLOPs: {r['prefill_tflops']:.3f} (none: {r['prefill_tflops_none']:.3f}; "
+          f"vision tower: {r['vision_tflops']:.3f})")
+    mib = 1 << 20
+    print(f"KV cache: {r['kv_cache_entries']} token-layer entries, {r['kv_cache_bytes_fp16'] / mib:.1f} MiB fp16 "
+          f"(none: {r['kv_cache_bytes_fp16_none'] / mib:.1f} MiB)")
+
+
+def load_inputs(loaded: Any, args: argparse.Namespace) -> Any:
+    from .preprocess import load_image
+    from .trace import arrays_to_inputs, check_inputs
+
+    if args.input_ids or args.pixel_values:
+        if args.image or args.prompt:
+            raise UserError("give --image/--prompt or --input-ids/--pixel-values, not both")
+        if not (args.input_ids and args.pixel_values):
+            raise UserError("--input-ids and --pixel-values go together")
+        inputs = arrays_to_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)
+    elif args.image and args.prompt is not None:
+        inputs = loaded.preprocessor([load_image(args.image)], [args.prompt])
+    else:
+        raise UserError("give --image FILE --prompt TEXT, or --input-ids ids.npy --pixel-values pv.npy")
+    check_inputs(loaded, inputs)
+    return inputs
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .registry import load
+    from .trace import run_trace, spec_for_inputs, stage_table, visual_token_count
+
+    if args.max_new_tokens < 0:
+        raise UserError("--max-new-tokens must be >= 0")
+    loaded = load(args.model)
+    inputs = load_inputs(loaded, args)
+    loaded = spec_for_inputs(loaded, visual_token_count(loaded, inputs))
+    plan = plan_from_args(loaded.spec, args)
+    result = run_trace(loaded, plan, inputs, args.max_new_tokens)
+    if args.json:
+        emit_json(args.json, result.to_json())
+    if not args.quiet and args.json != "-":
+        print(f"{loaded.spec.name}  method={plan.method}  N={plan.visual_tokens}  "
+              f"avg visual tokens/layer={plan.avg_visual_tokens:.2f}")
+        if plan.stages:
+            print(table(stage_table(result), ["layer", "kept", "deferred", "re-entered"]))
+        print(f"generated: {result.generated_ids}")
+        print(f"text: {result.text!r}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reroute-export",
+        description="Export VLMs with in-decoder Reroute visual-token routing.",
+    )
+    parser.add_argument("--version", action="version", version=f"reroute-export {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list registered models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("plan", help="keep counts, FLOPs and KV cache for a routing budget (no weights needed)")
+    add_model_args(p)
+    add_plan_args(p)
+    p.add_argument("--text-tokens", type=int, help="text tokens in the prompt for the accounting (default: spec)")
+    add_output_args(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("trace", help="run the eager reference on one input: decisions, logits, greedy tokens")
+    add_model_args(p)
+    add_plan_args(p)
+    add_input_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    add_output_args(p)
+    p.set_defaults(func=cmd_trace)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except UserError as e:
+        print(f"reroute-export: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("reroute-export: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
