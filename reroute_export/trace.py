@@ -74,7 +74,7 @@ def check_inputs(loaded: Loaded, inputs: Any) -> None:
     """Family-specific input checks, as one-line errors instead of deep tracebacks."""
     if loaded.family.name == "qwen2.5-vl" and inputs.image_grid_thw is None:
         raise UserError("qwen2.5-vl inputs need --image-grid-thw alongside --pixel-values")
-    vocab = loaded.spec.text.vocab_size
+    vocab = loaded.model.get_input_embeddings().num_embeddings
     if int(inputs.input_ids.max()) >= vocab or int(inputs.input_ids.min()) < 0:
         raise UserError(f"--input-ids hold token ids outside the vocabulary (0..{vocab - 1})")
 

@@ -1,0 +1,394 @@
+"""Images + prompts -> the exact tensors the HF processor of each family would produce.
+
+Why not just `AutoProcessor`? On these machines transformers 5 picks torchvision-backed
+image processors by default and Qwen2.5-VL's processor also needs a video processor
+(torchvision), so a real checkpoint's full processor may not load. We load the tokenizer
+and the PIL-backed image processor directly and re-do, step for step, what
+`LlavaProcessor` / `Qwen2_5_VLProcessor` do: render the prompt template, expand the
+image placeholder to one token per visual feature, tokenize with the tokenizer's
+default special tokens, pad on the left.
+
+Also here: `load_image` (one-line `UserError` for bad files) and the bundled sample
+photographs (`sample_path`, `samples`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import PIL.Image
+import PIL.ImageOps
+import torch
+from transformers import AutoTokenizer, CLIPImageProcessorPil, Qwen2VLImageProcessorPil
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from reroute_export.errors import UserError
+
+LLAVA = "llava"
+QWEN2_5_VL = "qwen2.5-vl"
+FAMILIES = (LLAVA, QWEN2_5_VL)
+
+# The prompt each family's chat template renders for one user turn holding one image.
+LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+QWEN2_5_VL_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+IMAGE_TOKENS = {LLAVA: "<image>", QWEN2_5_VL: "<|image_pad|>"}
+VIDEO_TOKEN_QWEN = "<|video_pad|>"
+
+# Qwen2.5-VL-7B as evaluated by the authors: images capped at 451584 px = 576 tokens.
+QWEN_DEFAULT_MAX_PIXELS = 451584
+# Our own settings file, written next to the HF files so a round trip keeps the grid.
+SETTINGS_FILE = "reroute_preprocess.json"
+
+ImageProcessor = CLIPImageProcessorPil | Qwen2VLImageProcessorPil
+
+
+@dataclass
+class VLInputs:
+    """Model inputs for one batch, in the layout the HF model's forward expects."""
+
+    input_ids: torch.LongTensor  # (B, L) int64
+    # LLaVA: (B, 3, H, W); Qwen2.5-VL: (num_patches, C*T*P*P) flattened patches. float32.
+    pixel_values: torch.Tensor
+    attention_mask: torch.LongTensor | None = None  # (B, L), 1 = real token, left padding
+    image_grid_thw: torch.LongTensor | None = None  # (num_images, 3), Qwen2.5-VL only
+    # (B, L) 0 = text, 1 = image, 2 = video: Qwen2.5-VL's forward needs it for 3-D mRoPE
+    # positions (without it transformers 5.24 silently falls back to 1-D positions).
+    mm_token_type_ids: torch.LongTensor | None = None
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """The non-None fields as keyword arguments for `model(**...)` / `model.generate(**...)`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(path: str | Path) -> PIL.Image.Image:
+    """Open an image file as RGB (EXIF orientation applied, as transformers' `load_image` does).
+
+    Raises `UserError` with a one-line message instead of PIL's varied exceptions, so the
+    CLI can report a bad `--image` without a traceback.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            image = PIL.ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
+        raise UserError(f"not an image or corrupt: {path}") from exc
+
+
+def fixed_image_size(max_pixels: int, factor: int) -> tuple[int, int]:
+    """Largest square (side a multiple of `factor` = patch*merge) with at most `max_pixels` pixels.
+
+    Qwen2.5-VL's processor keeps the aspect ratio, so the grid (and the number of visual
+    tokens) changes with each image; an exported graph wants one fixed grid, so every
+    image is first resized to this square. 451584 px, factor 28 -> (672, 672) -> 576 tokens.
+    """
+    side = max(factor, math.isqrt(max_pixels) // factor * factor)
+    return side, side
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def _samples_dir() -> Path:
+    """The bundled sample folder, resolved through the installed package."""
+    return Path(str(resources.files("reroute_export").joinpath("data").joinpath("samples")))
+
+
+def sample_path(name: str) -> Path:
+    """Path of a bundled sample photograph (see data/samples/LICENSES.md), e.g. 'astronaut.jpg'."""
+    path = _samples_dir() / name
+    if not path.is_file():
+        raise UserError(f"no bundled sample named {name!r}")
+    return path
+
+
+def samples() -> list[tuple[Path, str]]:
+    """(image path, prompt) pairs of the bundled samples, in samples.json order."""
+    entries = json.loads((_samples_dir() / "samples.json").read_text(encoding="utf-8"))
+    return [(sample_path(entry["image"]), entry["prompt"]) for entry in entries]
+
+
+# ----------------------------------------------------------------------------- preprocessor
+
+
+class Preprocessor:
+    """Turns (image, prompt) pairs into `VLInputs` exactly as the family's HF processor would.
+
+    family: "llava" or "qwen2.5-vl".
+    image_size: Qwen2.5-VL only; (H, W), multiples of patch*merge. Every image is resized
+        to exactly this size (PIL bicubic) before the HF image processor so that all images
+        share one grid; None keeps HF's aspect-preserving dynamic resize (grid varies).
+    patch_size / vision_feature_select_strategy: LLaVA only; the CLIP tower's patch size
+        and whether the CLS feature is dropped ("default") or kept ("full").
+    """
+
+    family: str
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: ImageProcessor
+    image_token: str
+    image_token_id: int
+    video_token_id: int | None
+    image_size: tuple[int, int] | None
+
+    def __init__(
+        self,
+        family: str,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: ImageProcessor,
+        *,
+        image_size: tuple[int, int] | None = None,
+        patch_size: int = 14,
+        vision_feature_select_strategy: Literal["default", "full"] = "default",
+    ) -> None:
+        if family not in FAMILIES:
+            raise UserError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+        self.family = family
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token = IMAGE_TOKENS[family]
+        self.image_token_id = _token_id(tokenizer, self.image_token)
+        self.video_token_id = _token_id(tokenizer, VIDEO_TOKEN_QWEN) if family == QWEN2_5_VL else None
+        self.patch_size = patch_size
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_size = tuple(image_size) if image_size is not None else None
+        if self.image_size is not None:
+            self._check_image_size(self.image_size)
+
+    # -- public ---------------------------------------------------------------------
+
+    def __call__(self, images: list[PIL.Image.Image], prompts: list[str]) -> VLInputs:
+        """One image per prompt -> padded batch. Mirrors ProcessorMixin.__call__ for one image each."""
+        if len(images) != len(prompts) or not prompts:
+            raise UserError(f"need one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+        pixels = self._process_images(images)
+        counts = self._image_token_counts(pixels)  # visual tokens per image
+        texts = [self._render(prompt, n) for prompt, n in zip(prompts, counts)]
+        # Default add_special_tokens, like the processors: LLaVA's Llama tokenizer prepends
+        # BOS, Qwen's adds nothing.
+        enc = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+        input_ids = enc["input_ids"].long()  # (B, L)
+        self._check_expansion(input_ids, counts)
+        return VLInputs(
+            input_ids=input_ids,
+            pixel_values=pixels["pixel_values"].float(),
+            attention_mask=enc["attention_mask"].long(),  # (B, L)
+            image_grid_thw=pixels.get("image_grid_thw"),
+            mm_token_type_ids=self._mm_token_type_ids(input_ids),
+        )
+
+    @property
+    def visual_tokens(self) -> int | None:
+        """N visual tokens every image gets, or None when the grid varies per image."""
+        if self.family == QWEN2_5_VL:
+            if self.image_size is None:
+                return None
+            step = self.image_processor.patch_size * self.image_processor.merge_size
+            return (self.image_size[0] // step) * (self.image_size[1] // step)
+        crop = self.image_processor.crop_size
+        side = crop["height"] if isinstance(crop, dict) else int(crop.height)
+        extra = 0 if self.vision_feature_select_strategy == "default" else 1
+        return (side // self.patch_size) ** 2 + extra
+
+    def render(self, prompt: str) -> str:
+        """The templated prompt with the (unexpanded) image placeholder, for display/logging."""
+        return self._template().replace("{prompt}", prompt)
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        """Generated ids -> text, without special tokens (BOS/EOS/pad/image)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write tokenizer + image processor in HF formats, plus our grid settings."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        settings = {
+            "family": self.family,
+            "image_size": list(self.image_size) if self.image_size else None,
+            "patch_size": self.patch_size,
+            "vision_feature_select_strategy": self.vision_feature_select_strategy,
+        }
+        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        family: str,
+        *,
+        image_size: tuple[int, int] | None | Literal["auto"] = "auto",
+        max_pixels: int | None = None,
+    ) -> Preprocessor:
+        """Load tokenizer + PIL image processor from a checkpoint folder (ours or a real HF one).
+
+        Qwen2.5-VL: the image processor's pixel cap becomes `max_pixels` (default: at most
+        451584, the authors' setting). image_size="auto": our saved setting if present, else
+        the largest square under the cap (451584 -> 672x672, 576 tokens); None = HF's
+        dynamic, aspect-preserving resize. Never touches torchvision or the video processor.
+        """
+        directory = Path(directory)
+        if family not in FAMILIES:
+            raise UserError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+        if not directory.is_dir():
+            raise UserError(f"checkpoint folder not found: {directory}")
+        saved = _read_json(directory / SETTINGS_FILE)
+        config = _read_json(directory / "config.json")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if family == LLAVA:
+            if image_size not in ("auto", None):
+                raise UserError("image_size is only used for qwen2.5-vl (LLaVA always crops to its square)")
+            return cls._llava_from(directory, tokenizer, saved, config)
+        return cls._qwen_from(directory, tokenizer, saved, config, image_size, max_pixels)
+
+    # -- loading helpers ------------------------------------------------------------
+
+    @classmethod
+    def _llava_from(
+        cls, directory: Path, tokenizer: PreTrainedTokenizerBase, saved: dict, config: dict
+    ) -> Preprocessor:
+        """Patch size / CLS strategy: our settings, else the model config, else llava-1.5's."""
+        vision = config.get("vision_config") or {}
+        patch = saved.get("patch_size") or vision.get("patch_size") or 14
+        strategy = saved.get("vision_feature_select_strategy") or config.get(
+            "vision_feature_select_strategy", "default"
+        )
+        image_processor = CLIPImageProcessorPil.from_pretrained(directory)
+        pre = cls(
+            LLAVA, tokenizer, image_processor, patch_size=patch, vision_feature_select_strategy=strategy
+        )
+        _check_config_token(config, ("image_token_index", "image_token_id"), pre.image_token_id)
+        return pre
+
+    @classmethod
+    def _qwen_from(
+        cls,
+        directory: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        saved: dict,
+        config: dict,
+        image_size: tuple[int, int] | None | Literal["auto"],
+        max_pixels: int | None,
+    ) -> Preprocessor:
+        """Fixed grid by default: saved size, else the largest square under max_pixels."""
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
+        cap = max_pixels or QWEN_DEFAULT_MAX_PIXELS
+        if max_pixels is not None or image_processor.size["longest_edge"] > cap:
+            image_processor.size["longest_edge"] = cap  # the evaluated setting caps images
+        if image_size == "auto":
+            if saved.get("image_size"):
+                image_size = tuple(saved["image_size"])
+            else:
+                factor = image_processor.patch_size * image_processor.merge_size
+                image_size = fixed_image_size(cap, factor)
+        pre = cls(QWEN2_5_VL, tokenizer, image_processor, image_size=image_size)
+        _check_config_token(config, ("image_token_id",), pre.image_token_id)
+        return pre
+
+    # -- steps ----------------------------------------------------------------------
+
+    def _template(self) -> str:
+        return LLAVA_TEMPLATE if self.family == LLAVA else QWEN2_5_VL_TEMPLATE
+
+    def _render(self, prompt: str, num_image_tokens: int) -> str:
+        """Template the prompt, then expand the single placeholder (processor's replace_image_token)."""
+        if self.image_token in prompt:
+            raise UserError(f"the prompt must not contain the image placeholder {self.image_token}")
+        text = self.render(prompt)
+        return text.replace(self.image_token, self.image_token * num_image_tokens, 1)
+
+    def _process_images(self, images: list[PIL.Image.Image]) -> dict[str, torch.Tensor]:
+        """Run the PIL image processor; for a fixed Qwen grid, resize to image_size first."""
+        images = [image.convert("RGB") for image in images]
+        if self.family == QWEN2_5_VL and self.image_size is not None:
+            height, width = self.image_size
+            images = [
+                image if image.size == (width, height)
+                else image.resize((width, height), PIL.Image.Resampling.BICUBIC)
+                for image in images
+            ]
+        out = self.image_processor(images, return_tensors="pt")
+        return dict(out)
+
+    def _image_token_counts(self, pixels: dict[str, torch.Tensor]) -> list[int]:
+        """Visual tokens per image, as LlavaProcessor / Qwen2_5_VLProcessor compute them."""
+        if self.family == QWEN2_5_VL:
+            merge = self.image_processor.merge_size
+            # grid (t, h, w) in patches; the merger fuses merge x merge patches into one token
+            return [int(thw.prod()) // merge**2 for thw in pixels["image_grid_thw"]]
+        height, width = pixels["pixel_values"].shape[-2:]  # (B, 3, H, W)
+        n = (height // self.patch_size) * (width // self.patch_size)
+        # CLIP adds one CLS feature; "default" drops it, "full" keeps it.
+        n += 0 if self.vision_feature_select_strategy == "default" else 1
+        return [n] * pixels["pixel_values"].shape[0]
+
+    def _check_expansion(self, input_ids: torch.Tensor, counts: list[int]) -> None:
+        """Guard against a tokenizer that splits or merges the placeholder token."""
+        found = (input_ids == self.image_token_id).sum(dim=1).tolist()
+        if found != counts:
+            raise RuntimeError(f"image token expansion mismatch: expected {counts}, tokenized {found}")
+
+    def _mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.LongTensor | None:
+        """Qwen2.5-VL only: 1 for image tokens, 2 for video tokens, 0 otherwise (ProcessorMixin rule)."""
+        if self.family != QWEN2_5_VL:
+            return None
+        types = (input_ids == self.image_token_id).long()  # (B, L)
+        if self.video_token_id is not None:
+            types = types + 2 * (input_ids == self.video_token_id).long()
+        return types
+
+    def _check_image_size(self, size: tuple[int, ...]) -> None:
+        """A fixed Qwen size must survive smart_resize unchanged: multiples of patch*merge."""
+        if self.family != QWEN2_5_VL:
+            raise UserError("image_size is only used for qwen2.5-vl (LLaVA always crops to its square)")
+        factor = self.image_processor.patch_size * self.image_processor.merge_size
+        if len(size) != 2 or any(s <= 0 or s % factor for s in size):
+            raise UserError(f"image_size must be (H, W), both multiples of {factor}; got {size}")
+        pixels = size[0] * size[1]
+        lo, hi = self.image_processor.size["shortest_edge"], self.image_processor.size["longest_edge"]
+        if not lo <= pixels <= hi:
+            raise UserError(f"image_size {size} has {pixels} px, outside the processor's [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """Id of a special token that must be a single vocabulary entry."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise UserError(f"tokenizer has no {token} token")
+    return int(token_id)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict, or {} when absent."""
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_config_token(config: dict, keys: tuple[str, ...], token_id: int) -> None:
+    """The model config's image token id must be the tokenizer's, or features land on wrong tokens."""
+    for key in keys:
+        if key in config and config[key] != token_id:
+            raise UserError(
+                f"config.json {key}={config[key]} but the tokenizer's image token id is {token_id}"
+            )

@@ -1,0 +1,312 @@
+"""Tiny random-weight LLaVA-1.5 and Qwen2.5-VL built offline with the real HF classes.
+
+Why: tests and CI exercise the whole export path (routing, ONNX, parity) without
+downloading a 7B checkpoint. The models use the same transformers classes, config
+fields, token conventions and preprocessing as the real ones, only smaller:
+
+- tiny-llava: CLIP 112 px / patch 14 -> 8x8 = 64 visual tokens; Llama 8 layers,
+  hidden 64, 4 heads, 2 KV heads (GQA), intermediate 128.
+- tiny-qwen2.5-vl: 224x224 image -> grid (1, 16, 16) -> 64 visual tokens after the 2x2
+  merger; text 8 layers, hidden 64, 4 heads, 2 KV heads, mRoPE sections [2, 3, 3].
+
+The tokenizer is a byte-level BPE (256 byte tokens + a fixed list of merges, no training)
+so any text round-trips; each family's special tokens are appended like the real ones.
+Weights are re-drawn from a seeded generator with a wide enough spread that attention
+scores and logits differ between tokens (HF's 0.02 init makes a tiny model nearly flat).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from reroute_export.preprocess import LLAVA, QWEN2_5_VL, Preprocessor
+
+# Sizes shared by both tiny text decoders.
+TEXT_LAYERS = 8
+TEXT_HIDDEN = 64
+TEXT_HEADS = 4
+TEXT_KV_HEADS = 2  # GQA on purpose: exports must repeat KV heads
+TEXT_INTERMEDIATE = 128
+MAX_POSITIONS = 2048
+
+LLAVA_IMAGE_SIZE = 112  # CLIP input; (112 // 14) ** 2 = 64 visual tokens
+QWEN_IMAGE_SIZE = (224, 224)  # (H, W); grid (1, 16, 16) -> 16 * 16 / 2**2 = 64 tokens
+PATCH_SIZE = 14
+
+WEIGHT_STD = 0.1  # matrices and embeddings; HF's 0.02 gives near-uniform attention
+BIAS_STD = 0.02
+
+LLAVA_SPECIALS_FRONT = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 as in Llama
+LLAVA_SPECIALS_BACK = ["<image>", "<pad>"]  # appended after the vocab, as in llava-hf
+QWEN_SPECIALS = [  # appended after the vocab, in Qwen2's order
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Words whose left-to-right merge chains become the BPE merges: a fixed list, so the
+# tokenizer is identical on every run and prompts are a little shorter than bytes.
+_MERGE_WORDS = [
+    " the", " a", " an", " of", " in", " on", " is", " and", " to", " what", " this",
+    " image", " picture", " describe", " Describe", " What", " You", " are", " helpful",
+    "USER", " ASSISTANT", "system", "user", "assistant", "ing", "er", "th", "he",
+]
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def _byte_level_bpe(front_specials: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocab (front specials, 256 byte symbols, merge results) and merges, deterministically."""
+    vocab = {token: i for i, token in enumerate(front_specials)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    byte_map = {chr(c): s for c, s in zip(range(256), _bytes_to_unicode())}
+    merges: list[tuple[str, str]] = []
+    for word in _MERGE_WORDS:
+        pieces = [byte_map[ch] for ch in word]  # ASCII only, one byte symbol per char
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            merged = pair[0] + pair[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append(pair)
+            pieces = [merged, *pieces[2:]]
+    return vocab, merges
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table (what ByteLevel uses), indexed by byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _tokenizer_object(front_specials: list[str], back_specials: list[str]) -> Tokenizer:
+    """A `tokenizers.Tokenizer`: byte-level BPE plus special tokens appended at the end."""
+    vocab, merges = _byte_level_bpe(front_specials)
+    unk = "<unk>" if "<unk>" in vocab else None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = front_specials + back_specials
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+def tiny_llava_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-style: BOS prepended by default (as llava-hf's tokenizer does), <image> and <pad> last."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_tokenizer_object(LLAVA_SPECIALS_FRONT, LLAVA_SPECIALS_BACK),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen2-style: no BOS, pad = <|endoftext|>, eos = <|im_end|>."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_tokenizer_object([], QWEN_SPECIALS),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        add_bos_token=False,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def tiny_llava(
+    seed: int = 0, attn_implementation: str = "sdpa"
+) -> tuple[LlavaForConditionalGeneration, Preprocessor]:
+    """Tiny LLaVA-1.5 (CLIP + projector + Llama), 64 visual tokens, seeded random weights."""
+    tokenizer = tiny_llava_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    vision = CLIPVisionConfig(
+        image_size=LLAVA_IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=TEXT_INTERMEDIATE,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=ids["<image>"],
+        image_seq_length=(LLAVA_IMAGE_SIZE // PATCH_SIZE) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    model = _build(LlavaForConditionalGeneration, config, seed, attn_implementation)
+    _set_generation_ids(model, bos=ids["<s>"], eos=ids["</s>"], pad=ids["<pad>"])
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": LLAVA_IMAGE_SIZE},
+        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    return model, Preprocessor(LLAVA, tokenizer, image_processor, patch_size=PATCH_SIZE)
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0, attn_implementation: str = "sdpa"
+) -> tuple[Qwen2_5_VLForConditionalGeneration, Preprocessor]:
+    """Tiny Qwen2.5-VL (windowed ViT + 2x2 merger + mRoPE decoder), fixed 224x224 grid."""
+    tokenizer = tiny_qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    head_dim = TEXT_HIDDEN // TEXT_HEADS  # 16 -> 8 rotary frequencies = 2 (t) + 3 (h) + 3 (w)
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[1],
+        out_hidden_size=TEXT_HIDDEN,
+    )
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=TEXT_INTERMEDIATE,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
+    config = Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = _build(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation)
+    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]  # as Qwen2.5-VL-Instruct's generation_config
+    _set_generation_ids(model, bos=None, eos=eos, pad=ids["<|endoftext|>"])
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=PATCH_SIZE,
+        temporal_patch_size=2,
+        merge_size=2,
+        min_pixels=56 * 56,
+        max_pixels=28 * 28 * 1280,
+    )
+    pre = Preprocessor(QWEN2_5_VL, tokenizer, image_processor, image_size=QWEN_IMAGE_SIZE)
+    return model, pre
+
+
+def save_checkpoint(model: PreTrainedModel, preprocessor: Preprocessor, directory: str | Path) -> None:
+    """Save so that `<Model>.from_pretrained` and `Preprocessor.from_pretrained` load it back identically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    preprocessor.save_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _build(
+    model_cls: type[PreTrainedModel], config: PreTrainedConfig, seed: int, attn_implementation: str
+) -> PreTrainedModel:
+    """Construct under a forked RNG (caller's global RNG untouched), re-init, fp32, eval."""
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    _reinit(model, seed)
+    return model.float().eval()
+
+
+def _reinit(model: torch.nn.Module, seed: int) -> None:
+    """Redraw every parameter from a private generator, in name order, so seed -> bitwise weights.
+
+    Matrices/embeddings ~ N(0, WEIGHT_STD); norm scales ~ 1 + N(0, BIAS_STD); biases ~ N(0, BIAS_STD).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if param.ndim >= 2:
+                param.copy_(noise * WEIGHT_STD)
+            elif _is_norm_scale(name):
+                param.copy_(1.0 + noise * BIAS_STD)
+            else:
+                param.copy_(noise * BIAS_STD)
+
+
+def _is_norm_scale(name: str) -> bool:
+    """LayerNorm / RMSNorm multiplicative weights (kept near 1 so activations keep their scale)."""
+    return name.endswith(".weight") and any(k in name for k in ("norm", "ln_", "layer_norm"))
+
+
+def _set_generation_ids(model: PreTrainedModel, bos: int | None, eos: int | list[int], pad: int) -> None:
+    """generate() reads these from generation_config; match the real checkpoints' conventions."""
+    model.generation_config.bos_token_id = bos
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
