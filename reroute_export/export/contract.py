@@ -1,0 +1,67 @@
+"""The artifact contract: file names and graph I/O names shared by export, runtime and checks.
+
+An artifact folder holds:
+
+    manifest.json          model, family, plan, shapes, precision, opset, versions, sha256 of every file
+    vision.onnx            pixel_values -> image_features (N, D)
+    prefill.onnx           routed prefill: logits, per-layer KV (stage-specific lengths), decisions
+    decode.onnx            one token against per-layer KV caches
+    embed_tokens.npy       (V, D) token embedding table, in the graphs' precision
+    preprocessor/          tokenizer + image processor files (Preprocessor.save_pretrained)
+    *.onnx.data            external weights, when a graph's weights pass 2 GB
+
+Batch is 1 in every graph (edge deployment). Text length is a dynamic axis of the
+prefill graph, bounded by shapes.max_prompt_tokens; N and every K_s are static.
+
+prefill inputs
+    inputs_embeds  float (1, L, D)     token embeddings with image features in the image slots
+    position_ids   int64 (1, L) 1-D RoPE, or (3, 1, L) Qwen2.5-VL mRoPE (the unpruned model's)
+    visual_start   int64 (1,)          index of the first of N contiguous image tokens
+prefill outputs
+    logits                 float32 (1, V)   last prompt position
+    present.{i}.key/value  (1, nkv, L - N + K_i, hd) per layer i
+    selected.{s}           int64 (1, K_s)   ascending original visual indices after decision s
+
+decode inputs
+    inputs_embeds  float (1, 1, D)
+    position_ids   int64 (1, 1) or (3, 1, 1)
+    past.{i}.key/value     (1, nkv, P_i, hd)
+decode outputs
+    logits                 float32 (1, V)
+    present.{i}.key/value  (1, nkv, P_i + 1, hd)
+"""
+
+from __future__ import annotations
+
+FORMAT = "reroute-export/1"  # bump when graph I/O changes; the loader refuses other formats
+
+MANIFEST = "manifest.json"
+VISION = "vision.onnx"
+PREFILL = "prefill.onnx"
+DECODE = "decode.onnx"
+EMBEDDINGS = "embed_tokens.npy"
+PREPROCESSOR = "preprocessor"
+
+# Opset <= 18 for TensorRT 10.3 (JetPack 6.x); IR 8 is read by ONNX Runtime >= 1.14 and
+# TensorRT 10.x (onnx 1.23 writes IR 14 by default, which older runtimes reject).
+OPSET = 18
+IR_VERSION = 8
+
+PIXEL_VALUES = "pixel_values"
+IMAGE_FEATURES = "image_features"
+INPUTS_EMBEDS = "inputs_embeds"
+POSITION_IDS = "position_ids"
+VISUAL_START = "visual_start"
+LOGITS = "logits"
+
+
+def present(i: int, kind: str) -> str:
+    return f"present.{i}.{kind}"
+
+
+def past(i: int, kind: str) -> str:
+    return f"past.{i}.{kind}"
+
+
+def selected(stage: int) -> str:
+    return f"selected.{stage}"

@@ -1,0 +1,129 @@
+"""Export the static-shape prefill and decode graphs (torch.onnx dynamo exporter).
+
+Text length is one symbolic axis of the prefill graph (bounded by max_prompt_tokens);
+each stage's cache length is one symbolic axis of the decode graph, shared by that
+stage's layers. N and every K_s are constants of the graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+import torch
+from torch.export import Dim
+
+from ..families.base import Family
+from ..plan import RoutingPlan
+from ..rewrite.decoder import eager_attention, static_decode, static_prefill
+from . import contract as C
+from .onnx_ops import TRANSLATIONS, attach_functions, inline_functions
+
+TWO_GB = 2**31
+
+
+@dataclass(frozen=True)
+class DecoderExample:
+    """Example prefill inputs (batch 1) used to trace; shapes only, values irrelevant."""
+
+    inputs_embeds: torch.Tensor  # (1, L, D)
+    position_ids: torch.Tensor  # (1, L) or (3, 1, L)
+    visual_start: torch.Tensor  # (1,)
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    make = C.present if prefix == "present" else C.past
+    return [make(i, kind) for i in range(num_layers) for kind in ("key", "value")]
+
+
+def stage_of_layers(plan: RoutingPlan) -> list[int]:
+    """Stage index per layer (0 = before the first decision)."""
+    out, stage = [], 0
+    starts = set(plan.decision_layers)
+    for i in range(plan.num_layers):
+        stage += i in starts
+        out.append(stage)
+    return out
+
+
+def finish(model: onnx.ModelProto, inline: bool) -> onnx.ModelProto:
+    """Attach `reroute` functions, pin IR version and opset (DESIGN.md 2)."""
+    model = attach_functions(model)
+    if inline:
+        model = inline_functions(model)
+    model.ir_version = C.IR_VERSION
+    return model
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    """One file, or weights as external data when they pass protobuf's 2 GB limit."""
+    large = model.ByteSize() > TWO_GB - (64 << 20) if _can_size(model) else True
+    if large:
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, path)
+
+
+def _can_size(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:  # noqa: BLE001  (protobuf refuses to size > 2 GB messages)
+        return False
+
+
+def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, output_names) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=C.OPSET, dynamic_shapes=dynamic_shapes,
+            input_names=input_names, output_names=output_names, custom_translation_table=TRANSLATIONS,
+            optimize=True, verbose=False,
+        )
+    return program.model_proto
+
+
+def export_prefill(
+    model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
+    max_prompt_tokens: int, *, inline: bool = False,
+) -> onnx.ModelProto:
+    n = plan.visual_tokens
+    length = Dim("prompt_tokens", min=n + 2, max=max_prompt_tokens)
+    pos_axis = example.position_ids.dim() - 1
+    shapes = {"inputs_embeds": {1: length}, "position_ids": {pos_axis: length}, "visual_start": None}
+    outputs = [C.LOGITS, *kv_names(plan.num_layers, "present"), *[C.selected(s) for s in range(len(plan.stages))]]
+    with eager_attention(model), torch.no_grad():
+        proto = _export(static_prefill(model, family, plan),
+                        (example.inputs_embeds, example.position_ids, example.visual_start),
+                        shapes, [C.INPUTS_EMBEDS, C.POSITION_IDS, C.VISUAL_START], outputs)
+    return finish(proto, inline)
+
+
+def decode_example(model: torch.nn.Module, family: type[Family], plan: RoutingPlan,
+                   example: DecoderExample) -> tuple[torch.Tensor, ...]:
+    """(inputs_embeds (1,1,D), position_ids, past k/v...) with each stage's true cache length."""
+    with torch.no_grad():
+        out = static_prefill(model, family, plan)(example.inputs_embeds, example.position_ids, example.visual_start)
+    past = out[1: 1 + 2 * plan.num_layers]
+    pos = example.position_ids[..., -1:] + 1  # (1, 1) or (3, 1, 1)
+    return (example.inputs_embeds[:, -1:], pos, *past)
+
+
+def export_decode(
+    model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
+    max_total_tokens: int, *, inline: bool = False,
+) -> onnx.ModelProto:
+    args = decode_example(model, family, plan, example)
+    stages = stage_of_layers(plan)
+    dims = [Dim(f"past_tokens_{s}", min=1, max=max_total_tokens) for s in range(len(plan.stages) + 1)]
+    past_shapes: Sequence = tuple({2: dims[stages[i // 2]]} for i in range(2 * plan.num_layers))
+    shapes = {"inputs_embeds": None, "position_ids": None, "past": past_shapes}
+    with eager_attention(model), torch.no_grad():
+        proto = _export(static_decode(model, family, plan), args, shapes,
+                        [C.INPUTS_EMBEDS, C.POSITION_IDS, *kv_names(plan.num_layers, "past")],
+                        [C.LOGITS, *kv_names(plan.num_layers, "present")])
+    return finish(proto, inline)

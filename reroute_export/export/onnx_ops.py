@@ -1,0 +1,157 @@
+"""The ONNX side of the `reroute` custom ops: schemas, function bodies, translations.
+
+Each torch op in rewrite/ops.py exports as ONE node in the `reroute` domain (so a
+TensorRT plugin can claim it by op_type), and the model carries a local function with
+the same (domain, name) made of opset-18 standard ops, so plain ONNX Runtime and
+TensorRT's ONNX parser run it without any plugin. Op names never shadow built-ins.
+
+Registering an OpSchema per op lets the exporter know the outputs and lets
+`onnx.checker` run full shape inference over the custom nodes.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+from onnx.defs import OpSchema
+from onnxscript import opset18 as op
+
+from ..rewrite import ops as torch_ops
+
+DOMAIN = "reroute"
+VERSION = 1
+rr = onnxscript.values.Opset(DOMAIN, VERSION)
+
+_FLOAT = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+_I64 = "tensor(int64)"
+
+
+def _schema(name: str, inputs, outputs, attrs, doc: str) -> OpSchema:
+    P = OpSchema.FormalParameter
+    return OpSchema(
+        name, DOMAIN, VERSION, doc,
+        inputs=[P(n, t) for n, t in inputs], outputs=[P(n, t) for n, t in outputs],
+        type_constraints=[("T", _FLOAT, "float types")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, a) for a in attrs],
+    )
+
+
+SCHEMAS = [
+    _schema("SelectVisual", [("scores", "T"), ("visual_start", _I64)], [("selected", _I64)], ["m", "k"],
+            "Ascending indices of the k best scores in the block [visual_start, visual_start + m)."),
+    _schema("RouteGather", [("x", "T"), ("selected", _I64), ("visual_start", _I64)],
+            [("rows", "T"), ("index", _I64)], ["m"],
+            "Kept rows of x: text rows and the selected rows of the visual block, in order."),
+    _schema("RouteScatter", [("base", "T"), ("rows", "T"), ("index", _I64)], [("out", "T")], [],
+            "base with rows written at the positions in index (write-back of a compact sequence)."),
+]
+
+
+def register_schemas() -> None:
+    for s in SCHEMAS:
+        if not onnx.defs.has(s.name, s.domain):
+            onnx.defs.register_schema(s)
+
+
+register_schemas()
+
+
+# ---------------------------------------------------------------- function bodies
+
+
+@onnxscript.script(rr, default_opset=op)
+def SelectVisual(scores, visual_start, m: int, k: int):
+    #   scores (B, T) --GatherElements(vs + arange(m))--> block (B, m)
+    #   block --TopK(k, largest)--> best (B, k) --TopK(k, smallest) on indices--> ascending
+    zero = op.Constant(value_int=0)
+    one = op.Constant(value_int=1)
+    span = op.Range(zero, op.Constant(value_int=m), one)  # (m,)
+    pos = op.Add(op.Unsqueeze(visual_start, one), span)  # (B, m)
+    block = op.GatherElements(scores, pos, axis=1)
+    kk = op.Reshape(op.Constant(value_int=k), op.Constant(value_ints=[1]))
+    _, best = op.TopK(block, kk, axis=1, largest=1, sorted=1)  # ties: lower index first
+    _, order = op.TopK(op.Cast(best, to=1), kk, axis=1, largest=0, sorted=1)
+    return op.GatherElements(best, order, axis=1)
+
+
+@onnxscript.script(rr, default_opset=op)
+def RouteGather(x, selected, visual_start, m: int):
+    #   i = arange(T - m + k);  idx = i < vs ? i : i < vs + k ? vs + selected[i - vs] : i - k + m
+    #   rows = GatherElements(x, idx expanded over D)
+    one = op.Constant(value_int=1)
+    shape = op.Shape(x)  # (B, T, D)
+    length = op.Gather(shape, one, axis=0)
+    k = op.Gather(op.Shape(selected), one, axis=0)
+    mm = op.Constant(value_int=m)
+    out_len = op.Add(op.Sub(length, mm), k)
+    i = op.Unsqueeze(op.Range(op.Constant(value_int=0), out_len, one), op.Constant(value_ints=[0]))  # (1, T')
+    vs = op.Unsqueeze(visual_start, one)  # (B, 1)
+    rel = op.Sub(i, vs)
+    j = op.Clip(rel, op.Constant(value_int=0), op.Sub(k, one))  # (B, T')
+    chosen = op.Add(vs, op.GatherElements(selected, j, axis=1))
+    after = op.Add(op.Sub(i, k), mm)
+    inner = op.Where(op.Less(i, op.Add(vs, k)), chosen, after)
+    index = op.Where(op.Less(i, vs), op.Expand(i, op.Shape(inner)), inner)  # (B, T')
+    dims = op.Concat(op.Shape(index), op.Slice(shape, [2], [3]), axis=0)
+    rows = op.GatherElements(x, op.Expand(op.Unsqueeze(index, [2]), dims), axis=1)
+    return rows, index
+
+
+@onnxscript.script(rr, default_opset=op)
+def RouteScatter(base, rows, index):
+    #   ScatterND(base, [b, index[b, t]] for every (b, t), rows), reduction none
+    one = op.Constant(value_int=1)
+    b = op.Gather(op.Shape(index), op.Constant(value_int=0), axis=0)
+    batch = op.Unsqueeze(op.Range(op.Constant(value_int=0), b, one), one)  # (B, 1)
+    bi = op.Expand(batch, op.Shape(index))  # (B, T')
+    coords = op.Concat(op.Unsqueeze(bi, [2]), op.Unsqueeze(index, [2]), axis=2)  # (B, T', 2)
+    return op.ScatterND(base, coords, rows)
+
+
+FUNCTIONS = [SelectVisual, RouteGather, RouteScatter]
+
+
+# ---------------------------------------------------------------- translations
+
+
+def _select_visual(scores, visual_start, m: int, k: int):
+    return rr.SelectVisual(scores, visual_start, m=m, k=k)
+
+
+def _route_gather(x, selected, visual_start, m: int):
+    return rr.RouteGather(x, selected, visual_start, m=m)
+
+
+def _route_scatter(base, rows, index):
+    return rr.RouteScatter(base, rows, index)
+
+
+TRANSLATIONS = {
+    torch_ops.select_visual._opoverload: _select_visual,
+    torch_ops.route_gather._opoverload: _route_gather,
+    torch_ops.route_scatter._opoverload: _route_scatter,
+}
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the local function of every `reroute` op the graph uses (once each)."""
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    have = {(f.domain, f.name) for f in model.functions}
+    for fn in FUNCTIONS:
+        proto = fn.to_function_proto()
+        if proto.name in used and (DOMAIN, proto.name) not in have:
+            model.functions.append(proto)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
+    return model
+
+
+def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with every local function expanded into standard ops."""
+    import onnx.inliner
+
+    out = onnx.inliner.inline_local_functions(model)
+    keep = [o for o in out.opset_import if o.domain != DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
