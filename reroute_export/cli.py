@@ -177,6 +177,63 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_inputs(loaded: Any, args: argparse.Namespace) -> Any:
+    """The user's sample input if given, else the first shipped sample photo and prompt."""
+    if args.image or args.input_ids or args.pixel_values:
+        return load_inputs(loaded, args)
+    from .preprocess import load_image, samples
+
+    path, prompt = samples()[0]
+    return loaded.preprocessor([load_image(path)], [prompt])
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export.pipeline import ExportOptions, export_artifact
+    from .registry import load
+    from .trace import spec_for_inputs, visual_token_count
+
+    if args.output is None:
+        raise UserError("--output DIR is required")
+    if args.target != "onnx":
+        raise UserError(f"target {args.target!r} is not supported by this version; use --target onnx")
+    loaded = load(args.model)
+    inputs = default_inputs(loaded, args)
+    if inputs.input_ids.shape[0] != 1:
+        raise UserError("export takes one sample input (batch 1)")
+    loaded = spec_for_inputs(loaded, visual_token_count(loaded, inputs))
+    plan = plan_from_args(loaded.spec, args)
+    opts = ExportOptions(precision=args.precision, max_prompt_tokens=args.max_prompt_tokens,
+                         max_new_tokens=args.max_new_tokens, inline_functions=args.inline_functions,
+                         force=args.force, check=not args.no_check, quiet=args.quiet)
+    if opts.max_prompt_tokens is not None and opts.max_prompt_tokens < inputs.input_ids.shape[1]:
+        raise UserError(f"--max-prompt-tokens {opts.max_prompt_tokens} is shorter than the sample prompt "
+                        f"({inputs.input_ids.shape[1]} tokens)")
+    result = export_artifact(loaded, plan, inputs, Path(args.output), opts)
+    check = result.manifest.get("check")
+    if args.json:
+        emit_json(args.json, result.manifest)
+    if not args.quiet and args.json != "-":
+        print(f"wrote {result.path}/ ({loaded.spec.name}, {plan.method}, avg visual tokens/layer "
+              f"{plan.avg_visual_tokens:.2f}, {args.precision})")
+        if check:
+            print_check(check)
+    return 1 if result.check_failures else 0
+
+
+def print_check(check: dict[str, Any]) -> None:
+    m = check["metrics"]
+    rows = [{"check": "routing, per stage", "value": " ".join(f"{s['layer']}:{s['overlap']:.2f}" for s in m["stages"])
+             or "-", "result": "exact" if m["decision_exact"] == 1 else "differs"},
+            {"check": "last logits max |diff|", "value": m["logits_max_abs"], "result": ""},
+            {"check": "last logits cosine", "value": m["logits_cosine"], "result": ""},
+            {"check": "greedy tokens agreeing", "value": f"{m['token_agreement']:.2f} of {m['tokens']}",
+             "result": "" if m["first_divergent_step"] is None else f"first differs at step {m['first_divergent_step']}"}]
+    print(table(rows, ["check", "value", "result"]))
+    print("post-export check: " + ("passed" if check["passed"] else "FAILED: " + "; ".join(check["failures"])))
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -205,11 +262,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     add_output_args(p)
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("export", help="export ONNX graphs with routing inside the decoder (+ post-export check)")
+    add_export_args(p)
+    p.set_defaults(func=cmd_export)
     return parser
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_plan_args(p)
+    g = p.add_argument_group("export")
+    g.add_argument("--target", default="onnx", help="onnx (TensorRT: see the README)")
+    g.add_argument("--output", help="artifact folder to write (refused if it exists, unless --force)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    g.add_argument("--max-prompt-tokens", type=int, help="longest prompt the artifact takes (default N + 512)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--inline-functions", action="store_true", help="write reroute ops expanded into standard ops")
+    g.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    g.add_argument("--no-check", action="store_true", help="skip the post-export parity check")
+    add_input_args(p)
+    add_output_args(p)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
+        argv = ["export", *argv]  # the bare form: reroute-export --model M --budget B --target onnx --output DIR
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:

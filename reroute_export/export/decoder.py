@@ -103,12 +103,14 @@ def export_prefill(
     return finish(proto, inline)
 
 
-def decode_example(model: torch.nn.Module, family: type[Family], plan: RoutingPlan,
-                   example: DecoderExample) -> tuple[torch.Tensor, ...]:
-    """(inputs_embeds (1,1,D), position_ids, past k/v...) with each stage's true cache length."""
-    with torch.no_grad():
-        out = static_prefill(model, family, plan)(example.inputs_embeds, example.position_ids, example.visual_start)
-    past = out[1: 1 + 2 * plan.num_layers]
+def decode_example(plan: RoutingPlan, example: DecoderExample, num_kv_heads: int, head_dim: int) -> tuple:
+    """(inputs_embeds (1,1,D), position_ids, past k/v...) with each layer's true cache length
+    (L - N + K_l): zeros suffice, the exporter only needs shapes."""
+    length, dtype = example.inputs_embeds.shape[1], example.inputs_embeds.dtype
+    past = []
+    for keep in plan.keep_per_layer():
+        kv = torch.zeros(1, num_kv_heads, length - plan.visual_tokens + keep, head_dim, dtype=dtype)
+        past += [kv, kv.clone()]
     pos = example.position_ids[..., -1:] + 1  # (1, 1) or (3, 1, 1)
     return (example.inputs_embeds[:, -1:], pos, *past)
 
@@ -117,7 +119,8 @@ def export_decode(
     model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
     max_total_tokens: int, *, inline: bool = False,
 ) -> onnx.ModelProto:
-    args = decode_example(model, family, plan, example)
+    attn = family.decoder(model).layers[0].self_attn
+    args = decode_example(plan, example, attn.config.num_key_value_heads, attn.head_dim)
     stages = stage_of_layers(plan)
     dims = [Dim(f"past_tokens_{s}", min=1, max=max_total_tokens) for s in range(len(plan.stages) + 1)]
     past_shapes: Sequence = tuple({2: dims[stages[i // 2]]} for i in range(2 * plan.num_layers))

@@ -1,0 +1,1 @@
+"""Checks: comparing an artifact with the eager reference (metrics and tolerances as data)."""

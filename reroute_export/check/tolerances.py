@@ -1,0 +1,32 @@
+"""Tolerances are data: per precision (and family, where one needs looser bounds).
+
+A metric named `*_min` must be >= the bound, `*_max` must be <= it. fp32 artifacts must
+reproduce the reference (routing identical, logits within 1e-4, every greedy token);
+fp16 ones are judged by agreement, since fp16 rounding can legitimately flip a near-tie
+in the routing scores.
+"""
+
+from __future__ import annotations
+
+DEFAULTS: dict[str, dict[str, float]] = {
+    "fp32": {
+        "logits_max_abs_max": 1e-4,
+        "decision_exact_min": 1.0,  # fraction of stages whose selected set is identical
+        "token_agreement_min": 1.0,
+    },
+    "fp16": {
+        "decision_overlap_min": 0.9,  # |ref ∩ got| / K, worst stage
+        "logits_cosine_min": 0.99,
+    },
+    "int8": {"decision_overlap_min": 0.7, "logits_cosine_min": 0.9},
+    "fp8": {"decision_overlap_min": 0.7, "logits_cosine_min": 0.9},
+}
+
+FAMILY_OVERRIDES: dict[tuple[str, str], dict[str, float]] = {}
+
+
+def tolerances(family: str, precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    tol = dict(DEFAULTS.get(precision, DEFAULTS["fp16"]))
+    tol.update(FAMILY_OVERRIDES.get((family, precision), {}))
+    tol.update(overrides or {})
+    return tol

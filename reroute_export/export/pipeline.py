@@ -1,0 +1,149 @@
+"""load -> plan -> rewrite -> export -> check, written into an artifact folder atomically.
+
+Everything goes into a temporary sibling folder (ArtifactWriter); the post-export check
+runs ONNX Runtime on the graphs in that folder against the eager fp32 reference; only
+then is manifest.json written and the folder moved into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from .. import __version__
+from ..check.compare import compare, failures
+from ..check.tolerances import tolerances
+from ..plan import RoutingPlan
+from ..progress import Steps
+from ..registry import Loaded
+from ..trace import TraceResult, run_trace
+from . import contract as C
+from .artifact import ArtifactWriter
+from .decoder import DecoderExample, export_decode, export_prefill, save
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    max_prompt_tokens: int | None = None  # default: N + 512 text tokens
+    max_new_tokens: int = 256
+    inline_functions: bool = False
+    force: bool = False
+    check: bool = True
+    check_tokens: int = 16
+    quiet: bool = False
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any]
+    check_failures: list[str]
+
+
+def example_for(loaded: Loaded, inputs: Any, dtype: torch.dtype) -> DecoderExample:
+    """Prefill example inputs from a real sample (batch 1), in the export dtype."""
+    with torch.no_grad():
+        embeds = loaded.family.embed(loaded.model, inputs).to(dtype)  # (1, L, D)
+    positions = loaded.family.positions(loaded.model, inputs)
+    ids = inputs.input_ids[0]
+    start = (ids == loaded.family.image_token_id(loaded.model)).nonzero()[0]  # (1,)
+    return DecoderExample(embeds, positions, start)
+
+
+def shapes(loaded: Loaded, plan: RoutingPlan, opts: ExportOptions) -> dict[str, int]:
+    t = loaded.spec.text
+    max_prompt = opts.max_prompt_tokens or plan.visual_tokens + 512
+    return {
+        "max_prompt_tokens": max_prompt, "max_new_tokens": opts.max_new_tokens,
+        "visual_tokens": plan.visual_tokens, "hidden_size": t.hidden_size, "num_layers": t.num_layers,
+        "num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim,
+        "vocab_size": int(loaded.model.get_input_embeddings().num_embeddings),
+        "kv_cache_lengths": [k - plan.visual_tokens for k in plan.keep_per_layer()],  # + prompt length
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import transformers
+
+    return {"reroute-export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, opts: ExportOptions,
+                  steps: Steps) -> dict[str, Any]:
+    from .vision import export_vision
+
+    dtype = PRECISIONS[opts.precision]
+    model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
+    grid = tuple(int(x) for x in inputs.image_grid_thw[0]) if inputs.image_grid_thw is not None else None
+    sh = shapes(loaded, plan, opts)
+    with steps.step("vision graph"):
+        export_vision(model, loaded.family.name, folder / C.VISION, example_pixel_values=inputs.pixel_values.to(dtype),
+                      image_grid_thw=grid, dtype=dtype)
+    example = example_for(loaded, inputs, dtype)
+    with steps.step("prefill graph (routing inside)"):
+        save(export_prefill(model, loaded.family, plan, example, sh["max_prompt_tokens"],
+                            inline=opts.inline_functions), folder / C.PREFILL)
+    with steps.step("decode graph"):
+        save(export_decode(model, loaded.family, plan, example, sh["max_prompt_tokens"] + sh["max_new_tokens"],
+                           inline=opts.inline_functions), folder / C.DECODE)
+    with steps.step("embeddings and preprocessor"):
+        table = model.get_input_embeddings().weight.detach().to(dtype).numpy()  # (V, D)
+        np.save(folder / C.EMBEDDINGS, table)
+        loaded.preprocessor.save_pretrained(folder / C.PREPROCESSOR)
+    vision_cfg = getattr(loaded.model.config, "vision_config", None)
+    return {
+        "model": loaded.spec.name, "family": loaded.family.name, "plan": plan.to_dict(),
+        "precision": opts.precision, "opset": C.OPSET, "ir_version": C.IR_VERSION,
+        "inline_functions": opts.inline_functions, "shapes": sh,
+        "graphs": {"vision": C.VISION, "prefill": C.PREFILL, "decode": C.DECODE},
+        "image_grid_thw": list(grid) if grid else None,
+        "spatial_merge_size": getattr(vision_cfg, "spatial_merge_size", None),
+        "image_token_id": loaded.family.image_token_id(loaded.model),
+        "eos_token_id": getattr(loaded.preprocessor.tokenizer, "eos_token_id", None),
+        "versions": versions(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, manifest: dict[str, Any],
+                      opts: ExportOptions) -> tuple[dict[str, Any], list[str]]:
+    """Run the artifact (ONNX Runtime) and the eager fp32 reference on the same input."""
+    from ..runtime import OrtArtifact
+
+    ref: TraceResult = run_trace(loaded, plan, inputs, opts.check_tokens)
+    art = OrtArtifact.load(folder, verify=False)
+    got = art.trace(inputs, opts.check_tokens)
+    metrics = compare(ref, got)
+    tol = tolerances(loaded.family.name, opts.precision)
+    bad = failures(metrics, tol)
+    return {"metrics": metrics, "tolerances": tol, "passed": not bad, "failures": bad}, bad
+
+
+def export_artifact(loaded: Loaded, plan: RoutingPlan, inputs: Any, output: Path, opts: ExportOptions) -> ExportResult:
+    if opts.precision not in PRECISIONS:
+        raise ValueError(f"precision {opts.precision}")
+    steps = Steps(5 if opts.check else 4, quiet=opts.quiet, title="export")
+    try:
+        with ArtifactWriter(Path(output), force=opts.force) as writer:
+            manifest = _write_graphs(loaded, plan, inputs, writer.path, opts, steps)
+            writer.write_manifest(manifest)  # the runtime reads it during the check
+            bad: list[str] = []
+            if opts.check:
+                with steps.step("parity check (ONNX Runtime vs eager fp32)"):
+                    manifest["check"], bad = post_export_check(loaded, plan, inputs, writer.path, manifest, opts)
+            writer.write_manifest(manifest)
+    finally:
+        steps.close()
+    return ExportResult(Path(output), manifest, bad)
