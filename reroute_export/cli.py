@@ -234,6 +234,26 @@ def print_check(check: dict[str, Any]) -> None:
     print("post-export check: " + ("passed" if check["passed"] else "FAILED: " + "; ".join(check["failures"])))
 
 
+def cmd_lint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .check.lint import lint
+
+    report = lint(Path(args.target), args.trt_version)
+    if args.json:
+        emit_json(args.json, report)
+    if not args.quiet and args.json != "-":
+        if report["findings"]:
+            print(table(report["findings"], ["severity", "graph", "node", "op", "message"]))
+        for name, poly in report["polygraphy"].items():
+            status = poly["reason"] if not poly["ran"] else f"exit {poly['returncode']}"
+            print(f"polygraphy check lint {name}: {status}")
+        verdict = "passed" if report["passed"] else "FAILED"
+        print(f"lint for TensorRT {report['trt_version']}: {verdict} "
+              f"({report['errors']} errors, {report['warnings']} warnings)")
+    return 0 if report["passed"] else 1
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -262,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     add_output_args(p)
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("lint", help="check ONNX graphs against what TensorRT accepts")
+    p.add_argument("target", help="artifact folder or .onnx file")
+    p.add_argument("--trt-version", default="10.3", choices=["10.3", "11"])
+    add_output_args(p)
+    p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("export", help="export ONNX graphs with routing inside the decoder (+ post-export check)")
     add_export_args(p)

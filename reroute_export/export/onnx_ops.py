@@ -32,7 +32,8 @@ def _schema(name: str, inputs, outputs, attrs, doc: str) -> OpSchema:
         name, DOMAIN, VERSION, doc,
         inputs=[P(n, t) for n, t in inputs], outputs=[P(n, t) for n, t in outputs],
         type_constraints=[("T", _FLOAT, "float types")],
-        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, a) for a in attrs],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INTS if a == "k" else OpSchema.AttrType.INT, a)
+                    for a in attrs],
     )
 
 
@@ -60,7 +61,7 @@ register_schemas()
 
 
 @onnxscript.script(rr, default_opset=op)
-def SelectVisual(scores, visual_start, m: int, k: int):
+def SelectVisual(scores, visual_start, m: int, k: list[int]):
     #   scores (B, T) --GatherElements(vs + arange(m))--> block (B, m)
     #   block --TopK(k, largest)--> best (B, k) --TopK(k, smallest) on indices--> ascending
     zero = op.Constant(value_int=0)
@@ -68,7 +69,7 @@ def SelectVisual(scores, visual_start, m: int, k: int):
     span = op.Range(zero, op.Constant(value_int=m), one)  # (m,)
     pos = op.Add(op.Unsqueeze(visual_start, one), span)  # (B, m)
     block = op.GatherElements(scores, pos, axis=1)
-    kk = op.Reshape(op.Constant(value_int=k), op.Constant(value_ints=[1]))
+    kk = op.Constant(value_ints=k)  # (1,) a constant: TensorRT wants TopK's K as weights
     _, best = op.TopK(block, kk, axis=1, largest=1, sorted=1)  # ties: lower index first
     _, order = op.TopK(op.Cast(best, to=1), kk, axis=1, largest=0, sorted=1)
     return op.GatherElements(best, order, axis=1)
@@ -115,7 +116,7 @@ FUNCTIONS = [SelectVisual, RouteGather, RouteScatter]
 
 
 def _select_visual(scores, visual_start, m: int, k: int):
-    return rr.SelectVisual(scores, visual_start, m=m, k=k)
+    return rr.SelectVisual(scores, visual_start, m=m, k=[k])
 
 
 def _route_gather(x, selected, visual_start, m: int):

@@ -1,0 +1,212 @@
+"""`lint`: check ONNX graphs against what TensorRT's ONNX parser accepts.
+
+The support table is data (reroute_export/data/trt_support.json, with its source). A
+finding is an error (the parser or builder would reject the graph, or it would have a
+data-dependent shape) or a warning (legal but worth a look). Nodes inside local
+functions are checked too, since the parser inlines them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import onnx
+
+from ..errors import UserError
+
+TABLE = Path(__file__).resolve().parent.parent / "data" / "trt_support.json"
+DTYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE", 16: "BF16",
+          17: "FP8"}
+
+
+@dataclass
+class Finding:
+    severity: str  # "error" | "warning"
+    graph: str
+    node: str  # node name (or "-" for graph-level findings)
+    op: str
+    message: str
+
+
+@lru_cache(maxsize=None)
+def support_table() -> dict[str, Any]:
+    return json.loads(TABLE.read_text())
+
+
+def _version(trt_version: str) -> dict[str, Any]:
+    versions = support_table()["versions"]
+    if trt_version not in versions:
+        raise UserError(f"unknown TensorRT version {trt_version}; known: {', '.join(versions)}")
+    return versions[trt_version]
+
+
+# ---------------------------------------------------------------- graph walking
+
+
+def _nodes(model: onnx.ModelProto) -> Iterator[tuple[onnx.NodeProto, str]]:
+    """Every node with where it lives: the main graph or a local function."""
+    for node in model.graph.node:
+        yield node, "graph"
+    for fn in model.functions:
+        for node in fn.node:
+            yield node, f"function {fn.domain}.{fn.name}"
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto | None]:
+    out = {t.name: t for t in model.graph.initializer}
+    for node, _ in _nodes(model):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = a.t
+                elif a.ref_attr_name:
+                    out[node.output[0]] = None  # bound to the caller's attribute: constant once inlined
+                elif a.name in ("value_ints", "value_int"):
+                    out[node.output[0]] = onnx.helper.make_tensor("k", 7, [len(a.ints)] if a.ints else [],
+                                                                  list(a.ints) or [a.i])
+    return out
+
+
+def _types(model: onnx.ModelProto) -> dict[str, str]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001  (inference is best effort for linting)
+        inferred = model
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    out = {v.name: DTYPES.get(v.type.tensor_type.elem_type, "?") for v in infos}
+    out.update({t.name: DTYPES.get(t.data_type, "?") for t in model.graph.initializer})
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a) if not a.ref_attr_name else f"<{a.ref_attr_name}>"
+    return default
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _check_model_header(model: onnx.ModelProto, graph: str, v: dict[str, Any], trt: str) -> list[Finding]:
+    out = []
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset > v["max_opset"]:
+        out.append(Finding("error", graph, "-", "-", f"opset {opset} > {v['max_opset']} (TensorRT {trt} target)"))
+    if model.ir_version > v["max_ir_version"]:
+        out.append(Finding("error", graph, "-", "-",
+                           f"IR version {model.ir_version} > {v['max_ir_version']} that TensorRT {trt} reads"))
+    return out
+
+
+def _check_node(node: onnx.NodeProto, where: str, graph: str, v: dict[str, Any], consts: dict, types: dict,
+                functions: set[tuple[str, str]]) -> list[Finding]:
+    name, op = node.name or "(unnamed)", node.op_type
+    found = lambda sev, msg: Finding(sev, graph, name, op if not node.domain else f"{node.domain}.{op}", msg)  # noqa: E731
+    if node.domain not in ("", "ai.onnx"):
+        if (node.domain, op) in functions or _attr(node, "plugin_namespace") is not None:
+            return []
+        return [found("error", f"custom-domain node without a local function or plugin_namespace ({where})")]
+    if op in support_table()["data_dependent"]:
+        return [found("error", f"{op} has a data-dependent output shape ({where})")]
+    if op not in v["ops"]:
+        return [found("error", f"{op} is not supported by the TensorRT ONNX parser ({where})")]
+    out = []
+    if op == "TopK":
+        out += _check_topk(node, v, consts, found)
+    if op in ("ScatterND", "ScatterElements") and _attr(node, "reduction", b"none") not in (b"none", "none"):
+        out.append(found("error", f"{op} reduction={_attr(node, 'reduction')!r}: TensorRT needs reduction=none"))
+    if op == "CumSum" and types.get(node.input[0]) not in (None, "?", "FP32", "FP16", "BF16"):
+        out.append(found("error", f"CumSum on {types[node.input[0]]}: TensorRT supports float CumSum only"))
+    for t in node.input[:1]:  # the data input; axes/shape/index inputs are INT64 by the ONNX spec
+        dt = types.get(t)
+        if dt in (None, "?") or not t:
+            continue
+        if dt == "DOUBLE":
+            out.append(found("error", f"input {t} is DOUBLE; TensorRT has no float64 tensors"))
+        elif dt in ("BOOL", "INT64") and dt not in v["ops"][op] and op not in ("Cast", "Shape", "Constant"):
+            out.append(found("warning", f"input {t} is {dt}, which TensorRT's {op} does not list"))
+    return out
+
+
+def _check_topk(node: onnx.NodeProto, v: dict[str, Any], consts: dict, found) -> list[Finding]:
+    out = []
+    if _attr(node, "sorted", 1) != 1:
+        out.append(found("error", "TopK with sorted=0: TensorRT needs sorted=1"))
+    if len(node.input) < 2 or node.input[1] not in consts:
+        out.append(found("error", "TopK's K is not a constant; TensorRT needs K as weights"))
+        return out
+    k = consts[node.input[1]]
+    if k is None:  # a function's attribute: checked at each call site (_check_reroute_k)
+        return out
+    value = int(onnx.numpy_helper.to_array(k).reshape(-1)[0])
+    if value > v["topk_max_k"]:
+        out.append(found("error", f"TopK K={value} > {v['topk_max_k']} (TensorRT's limit)"))
+    return out
+
+
+def _check_reroute_k(model: onnx.ModelProto, graph: str, v: dict[str, Any]) -> list[Finding]:
+    """K of a `reroute` SelectVisual node becomes its function's TopK K."""
+    out = []
+    for node in model.graph.node:
+        if node.domain == "reroute" and node.op_type == "SelectVisual":
+            k = _attr(node, "k")
+            k = k[0] if isinstance(k, list) else k
+            if isinstance(k, int) and k > v["topk_max_k"]:
+                out.append(Finding("error", graph, node.name, "reroute.SelectVisual",
+                                   f"K={k} > {v['topk_max_k']}: its TopK would exceed TensorRT's limit"))
+    return out
+
+
+def lint_model(model: onnx.ModelProto, graph: str, trt_version: str = "10.3") -> list[Finding]:
+    v = _version(trt_version)
+    consts, types = _constants(model), _types(model)
+    functions = {(f.domain, f.name) for f in model.functions}
+    out = _check_model_header(model, graph, v, trt_version) + _check_reroute_k(model, graph, v)
+    for node, where in _nodes(model):
+        out += _check_node(node, where, graph, v, consts, types, functions)
+    return out
+
+
+def onnx_files(target: Path) -> list[Path]:
+    if target.is_dir():
+        files = sorted(target.glob("*.onnx"))
+        if not files:
+            raise UserError(f"{target} holds no .onnx files")
+        return files
+    if not target.is_file():
+        raise UserError(f"{target} does not exist")
+    if target.suffix != ".onnx":
+        raise UserError(f"{target} is not an .onnx file or an artifact folder")
+    return [target]
+
+
+def polygraphy_lint(path: Path) -> dict[str, Any]:
+    """Polygraphy's own `check lint`, when installed (it needs onnxruntime too)."""
+    exe = shutil.which("polygraphy")
+    if exe is None:
+        return {"ran": False, "reason": "polygraphy is not installed (pip install polygraphy)"}
+    res = subprocess.run([exe, "check", "lint", str(path)], capture_output=True, text=True, timeout=600)
+    return {"ran": True, "returncode": res.returncode, "output": (res.stdout + res.stderr)[-4000:]}
+
+
+def lint(target: Path, trt_version: str = "10.3") -> dict[str, Any]:
+    findings, poly = [], {}
+    for path in onnx_files(target):
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{path} is not a readable ONNX file: {e}") from None
+        findings += lint_model(model, path.name, trt_version)
+        poly[path.name] = polygraphy_lint(path)
+    errors = [f for f in findings if f.severity == "error"]
+    return {"target": str(target), "trt_version": trt_version, "passed": not errors,
+            "errors": len(errors), "warnings": len(findings) - len(errors),
+            "findings": [asdict(f) for f in findings], "polygraphy": poly,
+            "table_source": support_table()["source"]}

@@ -1,0 +1,94 @@
+"""`lint`: crafted graphs TensorRT would reject fail, naming the node; real graphs pass."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from reroute_export.check.lint import lint, lint_model
+from reroute_export.cli import main
+
+
+def graph(nodes, inputs, outputs, initializers=(), functions=(), opset=18, ir=8, extra_opsets=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), *extra_opsets], functions=list(functions))
+    m.ir_version = ir
+    return m
+
+
+X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5000])
+Y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+I = helper.make_tensor_value_info("i", TensorProto.INT64, None)
+
+
+def errors(model):
+    return [f for f in lint_model(model, "crafted.onnx") if f.severity == "error"]
+
+
+def test_nonzero_is_named() -> None:
+    m = graph([helper.make_node("NonZero", ["x"], ["i"], name="find_nonzero")], [X], [I])
+    (err,) = errors(m)
+    assert err.node == "find_nonzero" and "data-dependent" in err.message
+
+
+def test_topk_over_3840_is_named() -> None:
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [4096])
+    m = graph([helper.make_node("TopK", ["x", "k"], ["y", "i"], name="big_topk", axis=1)], [X], [Y, I], [k])
+    (err,) = errors(m)
+    assert err.node == "big_topk" and "K=4096 > 3840" in err.message
+
+
+def test_topk_with_computed_k_and_unsorted() -> None:
+    kin = helper.make_tensor_value_info("kin", TensorProto.INT64, [1])
+    m = graph([helper.make_node("TopK", ["x", "kin"], ["y", "i"], name="t", axis=1, sorted=0)], [X, kin], [Y, I])
+    msgs = " ".join(e.message for e in errors(m))
+    assert "sorted=0" in msgs and "not a constant" in msgs
+
+
+def test_custom_node_without_function_is_named() -> None:
+    m = graph([helper.make_node("Mystery", ["x"], ["y"], name="custom_thing", domain="reroute")], [X], [Y],
+              extra_opsets=[helper.make_opsetid("reroute", 1)])
+    (err,) = errors(m)
+    assert err.node == "custom_thing" and "local function" in err.message
+    # with a plugin_namespace it is fine
+    m.graph.node[0].attribute.append(helper.make_attribute("plugin_namespace", "reroute"))
+    assert not errors(m)
+
+
+def test_scatter_reduction_opset_ir_and_double() -> None:
+    d = helper.make_tensor_value_info("d", TensorProto.DOUBLE, [2])
+    nodes = [helper.make_node("ScatterND", ["x", "i", "x"], ["y"], name="sc", reduction="add"),
+             helper.make_node("Relu", ["d"], ["r"], name="relu64")]
+    m = graph(nodes, [X, I, d], [Y], opset=19, ir=11)
+    msgs = [e.message for e in errors(m)]
+    assert any("reduction" in x for x in msgs) and any("opset 19 > 18" in x for x in msgs)
+    assert any("IR version 11 > 10" in x for x in msgs) and any("DOUBLE" in x for x in msgs)
+    assert not any("opset" in e.message for e in lint_model(m, "m", "11") if e.severity == "error")
+
+
+def test_cli_exit_codes_and_json(tmp_path, capsys) -> None:
+    bad = graph([helper.make_node("NonZero", ["x"], ["i"], name="nz")], [X], [I])
+    onnx.save(bad, tmp_path / "bad.onnx")
+    out = tmp_path / "lint.json"
+    assert main(["lint", str(tmp_path / "bad.onnx"), "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["findings"][0]["node"] == "nz"
+    assert "nz" in capsys.readouterr().out
+    assert main(["lint", str(tmp_path / "missing.onnx")]) == 2
+    good = graph([helper.make_node("Relu", ["x"], ["y"], name="r")], [X], [Y])
+    onnx.save(good, tmp_path / "good.onnx")
+    assert main(["lint", str(tmp_path / "good.onnx"), "--trt-version", "11"]) == 0
+
+
+@pytest.mark.parametrize("family_name", ["llava", "qwen2.5-vl"])
+def test_exported_decoder_graphs_pass(family_name, tmp_path) -> None:
+    from test_rewrite import exported
+
+    for name, proto in zip(("prefill", "decode"), exported(family_name, "reroute")):
+        onnx.save(proto, tmp_path / f"{name}.onnx")
+    for trt in ("10.3", "11"):
+        report = lint(tmp_path, trt)
+        assert report["passed"], report["findings"]
