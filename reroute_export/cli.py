@@ -1,7 +1,9 @@
 """The `reroute-export` console script: subcommands over the typed library API.
 
 Exit codes: 0 success; 1 a check failed; 2 could not run (bad input, missing
-checkpoint: one line on stderr, no traceback); 130 interrupted.
+checkpoint: one line on stderr, no traceback); 3 `--target trt` wrote the ONNX artifact
+and its TensorRT build plan but built no engine here (no TensorRT/GPU, or a Jetson
+target); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -196,8 +198,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.output is None:
         raise UserError("--output DIR is required")
-    if args.target != "onnx":
-        raise UserError(f"target {args.target!r} is not supported by this version; use --target onnx")
+    if args.target not in ("onnx", "trt"):
+        raise UserError(f"unknown target {args.target!r}; use --target onnx or --target trt")
     loaded = load(args.model)
     inputs = default_inputs(loaded, args)
     if inputs.input_ids.shape[0] != 1:
@@ -206,7 +208,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     plan = plan_from_args(loaded.spec, args)
     opts = ExportOptions(precision=args.precision, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_new_tokens, inline_functions=args.inline_functions,
-                         force=args.force, check=not args.no_check, quiet=args.quiet)
+                         force=args.force, check=not args.no_check, quiet=args.quiet, target=args.target,
+                         device=args.device, plugin_lib=args.plugin_lib)
+    if args.target == "trt":
+        from .build.trt import device
+
+        device(args.device)  # an unknown device fails before any work
     if opts.max_prompt_tokens is not None and opts.max_prompt_tokens < inputs.input_ids.shape[1]:
         raise UserError(f"--max-prompt-tokens {opts.max_prompt_tokens} is shorter than the sample prompt "
                         f"({inputs.input_ids.shape[1]} tokens)")
@@ -219,7 +226,28 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{plan.avg_visual_tokens:.2f}, {args.precision})")
         if check:
             print_check(check)
-    return 1 if result.check_failures else 0
+        if args.target == "trt":
+            print_trt(result.manifest["trt"], result.path)
+    if result.check_failures:
+        return 1
+    if args.target == "trt" and not result.engines_built:
+        from .build.trt import EXIT_NOT_BUILT
+
+        return EXIT_NOT_BUILT
+    return 0
+
+
+def print_trt(rec: dict[str, Any], path: Any) -> None:
+    mem = rec["memory"]
+    if rec["built"]:
+        print(f"TensorRT {rec['tensorrt_version']} engines built on {rec['gpu']} (sm {rec['compute_capability']}): "
+              + ", ".join(e["engine"] for e in rec["engines"].values()))
+        return
+    print(f"no TensorRT engine was built: {rec['reason']}.")
+    print(f"to build for {rec['device']} (TensorRT {rec['trt_version']}), copy {path}/ to the device and run "
+          f"`bash {path}/build_trt.sh` (plan: {path}/build_plan.json). Estimated memory: build peak "
+          f"{mem['build_peak_gib']:.2f} GiB, running {mem['run_gib']:.2f} GiB "
+          f"(KV cache at maximum lengths {mem['kv_cache_gib']:.3f} GiB).")
 
 
 def print_check(check: dict[str, Any]) -> None:
@@ -299,7 +327,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_plan_args(p)
     g = p.add_argument_group("export")
-    g.add_argument("--target", default="onnx", help="onnx (TensorRT: see the README)")
+    g.add_argument("--target", default="onnx", help="onnx, or trt (ONNX + TensorRT engines or build plan)")
+    g.add_argument("--device", default="gpu-trt10",
+                   help="TensorRT target: gpu-trt10, gpu-trt11, jetson-orin, jetson-orin-nx, jetson-orin-nano")
+    g.add_argument("--plugin-lib", help="TensorRT plugin library implementing reroute ops (default: local functions)")
     g.add_argument("--output", help="artifact folder to write (refused if it exists, unless --force)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     g.add_argument("--max-prompt-tokens", type=int, help="longest prompt the artifact takes (default N + 512)")

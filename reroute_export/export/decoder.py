@@ -7,6 +7,7 @@ stage's layers. N and every K_s are constants of the graph.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,8 @@ def _can_size(model: onnx.ModelProto) -> bool:
 
 
 def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, output_names) -> onnx.ModelProto:
+    # the exporter logs a warning per torchvision op it cannot register; we use none of them
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -42,6 +42,9 @@ class ExportOptions:
     check: bool = True
     check_tokens: int = 16
     quiet: bool = False
+    target: str = "onnx"  # onnx | trt
+    device: str = "gpu-trt10"  # a name from data/trt_devices.json (e.g. jetson-orin)
+    plugin_lib: str | None = None
 
 
 @dataclass
@@ -49,6 +52,10 @@ class ExportResult:
     path: Path
     manifest: dict[str, Any]
     check_failures: list[str]
+
+    @property
+    def engines_built(self) -> bool:
+        return bool(self.manifest.get("trt", {}).get("built"))
 
 
 def example_for(loaded: Loaded, inputs: Any, dtype: torch.dtype) -> DecoderExample:
@@ -134,7 +141,7 @@ def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Pa
 def export_artifact(loaded: Loaded, plan: RoutingPlan, inputs: Any, output: Path, opts: ExportOptions) -> ExportResult:
     if opts.precision not in PRECISIONS:
         raise ValueError(f"precision {opts.precision}")
-    steps = Steps(5 if opts.check else 4, quiet=opts.quiet, title="export")
+    steps = Steps(4 + opts.check + (opts.target == "trt"), quiet=opts.quiet, title="export")
     try:
         with ArtifactWriter(Path(output), force=opts.force) as writer:
             manifest = _write_graphs(loaded, plan, inputs, writer.path, opts, steps)
@@ -143,7 +150,27 @@ def export_artifact(loaded: Loaded, plan: RoutingPlan, inputs: Any, output: Path
             if opts.check:
                 with steps.step("parity check (ONNX Runtime vs eager fp32)"):
                     manifest["check"], bad = post_export_check(loaded, plan, inputs, writer.path, manifest, opts)
+            if opts.target == "trt":
+                with steps.step("TensorRT build plan / engines"):
+                    manifest["trt"] = tensorrt_stage(writer.path, manifest, opts)
             writer.write_manifest(manifest)
     finally:
         steps.close()
     return ExportResult(Path(output), manifest, bad)
+
+
+def tensorrt_stage(folder: Path, manifest: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
+    """Always the build plan and script; engines too where TensorRT and the target GPU are here."""
+    from ..build import trt
+
+    plan = trt.build_plan(folder, manifest, opts.device, opts.plugin_lib)
+    trt.write_build_files(folder, plan)
+    can, why = trt.tensorrt_status()
+    if opts.device.startswith("jetson"):
+        can, why = False, f"engines for {opts.device} must be built on the device (engines are not portable)"
+    record = {"device": opts.device, "trt_version": plan["trt_version"], "build_plan": "build_plan.json",
+              "build_script": "build_trt.sh", "memory": plan["memory"]}
+    if not can:
+        return {**record, "built": False, "reason": why}
+    built = trt.build_engines(folder, plan)
+    return {**record, "built": True, **built}

@@ -1,0 +1,264 @@
+"""Run an exported artifact with ONNX Runtime: vision -> routed prefill -> greedy decode.
+
+Everything outside the three graphs happens here on the host, in numpy: the embedding
+lookup (the table ships as embed_tokens.npy, memory-mapped), writing image features
+into the image-token slots, the family's position ids, and the decode loop that feeds
+each layer's `present.*` back as `past.*`. Per-layer caches differ in length by stage
+(DESIGN.md 1, "KV cache and decoding"); the loop never needs to know, it only passes
+them through.
+
+Threads: ONNX Runtime's default intra-op pool, or REROUTE_EXPORT_THREADS if set.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnxruntime as ort
+import PIL.Image
+
+from ..errors import UserError
+from ..export import contract as C
+from ..export.artifact import read_manifest
+from ..plan import RoutingPlan
+from ..preprocess import QWEN2_5_VL, Preprocessor, VLInputs
+from .positions import llava_positions, next_position, qwen_positions
+
+if TYPE_CHECKING:
+    from ..trace import TraceResult
+
+THREADS_ENV = "REROUTE_EXPORT_THREADS"
+KV = list[tuple[np.ndarray, np.ndarray]]  # per layer: key, value (1, nkv, T_i, hd)
+
+_ELEMENT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(bfloat16)": np.float32,  # numpy has no bf16; ORT would refuse the feed anyway
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+_MANIFEST_KEYS = ("family", "plan", "shapes", "image_token_id")
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _session_options() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: provider-placement notes are not the user's concern
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        try:
+            opts.intra_op_num_threads = int(threads)
+        except ValueError:
+            raise UserError(f"{THREADS_ENV} must be an integer, got {threads!r}") from None
+    return opts
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """torch tensors (VLInputs fields) or arrays -> numpy, without importing torch here."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+class Graph:
+    """One ORT session fed by name, each input cast to the element type the graph declares
+    (fp32 or fp16 graphs take the same host arrays)."""
+
+    def __init__(self, path: Path, providers: list[str]) -> None:
+        self.name = path.name
+        try:
+            self.session = ort.InferenceSession(str(path), _session_options(), providers=providers)
+        except Exception as e:  # noqa: BLE001  (ORT raises its own exception zoo)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load {path}: {first}") from None
+        self.input_types = {i.name: _ELEMENT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.input_types[name])
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Feeds the graph does not declare are dropped (an exporter may prune an unused
+        input); one it declares but is not given is a contract break."""
+        missing = sorted(set(self.input_types) - set(feeds))
+        if missing:
+            raise RuntimeError(f"{self.name} wants inputs {missing} that the runtime does not provide")
+        cast = {n: np.ascontiguousarray(feeds[n], dtype=t) for n, t in self.input_types.items()}
+        return dict(zip(self.output_names, self.session.run(None, cast)))
+
+
+@dataclass
+class _Checked:
+    """Validated batch-1 inputs in numpy."""
+
+    ids: np.ndarray  # (L,) int64
+    grid: np.ndarray | None  # (1, 3) Qwen2.5-VL image grid, else None
+    visual_start: int
+
+
+class OrtArtifact:
+    """An artifact folder loaded for inference: manifest, plan, preprocessor, three sessions."""
+
+    manifest: dict[str, Any]
+    plan: RoutingPlan
+    family: str
+    preprocessor: Preprocessor
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], graphs: dict[str, Graph],
+                 embed_tokens: np.ndarray, preprocessor: Preprocessor) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.plan = RoutingPlan.from_dict(manifest["plan"])
+        self.family = manifest["family"]
+        self.preprocessor = preprocessor
+        self.embed_tokens = embed_tokens  # (V, D), memory-mapped
+        self._vision, self._prefill, self._decode = graphs["vision"], graphs["prefill"], graphs["decode"]
+
+    @classmethod
+    def load(cls, folder: Path, providers: list[str] | None = None, *, verify: bool = True) -> "OrtArtifact":
+        folder = Path(folder)
+        manifest = read_manifest(folder, verify=verify)
+        lacking = [k for k in _MANIFEST_KEYS if k not in manifest]
+        if lacking:
+            raise UserError(f"artifact {folder}: manifest lacks {', '.join(lacking)}; re-export it")
+        names = {"vision": C.VISION, "prefill": C.PREFILL, "decode": C.DECODE, **manifest.get("graphs", {})}
+        providers = providers or default_providers()
+        graphs = {role: Graph(folder / names[role], providers) for role in ("vision", "prefill", "decode")}
+        embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
+        pre = Preprocessor.from_pretrained(folder / C.PREPROCESSOR, manifest["family"])
+        return cls(folder, manifest, graphs, embed, pre)
+
+    # ------------------------------------------------------------ inputs
+
+    @property
+    def shapes(self) -> dict[str, Any]:
+        return self.manifest["shapes"]
+
+    def _check_length(self, length: int) -> None:
+        limit = int(self.shapes["max_prompt_tokens"])
+        if length > limit:
+            raise UserError(f"prompt has {length} tokens; this artifact takes at most {limit}")
+
+    def prepare(self, image: PIL.Image.Image, prompt: str) -> VLInputs:
+        """(image, prompt) -> model inputs with the artifact's own tokenizer and image processor."""
+        inputs = self.preprocessor([image], [prompt])
+        self._check_length(int(inputs.input_ids.shape[1]))
+        return inputs
+
+    def _check(self, inputs: VLInputs) -> _Checked:
+        """One-line errors for inputs this artifact cannot run, before any graph sees them."""
+        ids = _numpy(inputs.input_ids).astype(np.int64)  # (1, L)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise UserError(f"an artifact runs one prompt at a time (input ids [1, L]), got {list(ids.shape)}")
+        if inputs.attention_mask is not None and not _numpy(inputs.attention_mask).all():
+            raise UserError("padded inputs are not supported: give one unpadded prompt")
+        ids = ids[0]  # (L,)
+        self._check_length(len(ids))
+        vocab = self.embed_tokens.shape[0]
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise UserError(f"input ids hold token ids outside the vocabulary (0..{vocab - 1})")
+        return _Checked(ids, self._check_grid(inputs.image_grid_thw), self._visual_start(ids))
+
+    def _visual_start(self, ids: np.ndarray) -> int:
+        """Index of the first of N contiguous image tokens (the prefill graph's contract)."""
+        slots = np.flatnonzero(ids == int(self.manifest["image_token_id"]))  # (N,)
+        n = self.plan.visual_tokens
+        if len(slots) != n:
+            raise UserError(f"the prompt holds {len(slots)} image tokens; this artifact was exported for {n}")
+        if n and slots[-1] - slots[0] != n - 1:
+            raise UserError("the image tokens must form one contiguous block")
+        return int(slots[0]) if n else 0
+
+    def _check_grid(self, given: Any) -> np.ndarray | None:
+        """Qwen2.5-VL: the vision graph is static, so the grid must be the exported one."""
+        if self.family != QWEN2_5_VL:
+            return None
+        fixed = np.asarray(self.manifest.get("image_grid_thw"), dtype=np.int64).reshape(1, 3)  # (1, 3)
+        if given is not None and not np.array_equal(_numpy(given).reshape(-1, 3), fixed):
+            raise UserError(f"image grid {_numpy(given).reshape(-1).tolist()} differs from the exported "
+                            f"grid {fixed[0].tolist()}; use the artifact's preprocessor")
+        return fixed
+
+    # ------------------------------------------------------------ prefill
+
+    def _positions(self, c: _Checked) -> np.ndarray:
+        """The unpruned model's position ids: (1, L) or (3, 1, L)."""
+        if self.family == QWEN2_5_VL:
+            merge = int(self.manifest["spatial_merge_size"])
+            return qwen_positions(c.ids, int(self.manifest["image_token_id"]), c.grid, merge)
+        return llava_positions(len(c.ids))
+
+    def _embeds(self, c: _Checked, pixel_values: Any) -> np.ndarray:
+        """(1, L, D) token embeddings with the vision graph's features in the image slots."""
+        dtype = self._prefill.dtype(C.INPUTS_EMBEDS)
+        out = self._vision({C.PIXEL_VALUES: _numpy(pixel_values)})
+        d = self.embed_tokens.shape[1]
+        feats = out[C.IMAGE_FEATURES].reshape(-1, d)  # (N, D)
+        embeds = self.embed_tokens[c.ids].astype(dtype)  # (L, D): fancy indexing copies from the mmap
+        n = self.plan.visual_tokens
+        if feats.shape[0] != n:
+            raise RuntimeError(f"{C.VISION} gave {feats.shape[0]} image features; the plan is for {n}")
+        embeds[c.visual_start:c.visual_start + n] = feats.astype(dtype)
+        return embeds[None]  # (1, L, D)
+
+    def prefill(self, inputs: VLInputs) -> dict[str, Any]:
+        """Vision + routed prefill: last logits (V,), per-layer KV, decisions, next position."""
+        c = self._check(inputs)
+        positions = self._positions(c)  # (1, L) or (3, 1, L)
+        out = self._prefill({
+            C.INPUTS_EMBEDS: self._embeds(c, inputs.pixel_values),
+            C.POSITION_IDS: positions,
+            C.VISUAL_START: np.array([c.visual_start], dtype=np.int64),  # (1,)
+        })
+        return {
+            "logits": out[C.LOGITS].reshape(-1).astype(np.float32),  # (V,)
+            "kv": self._kv(out),
+            "decisions": [out[C.selected(s)].reshape(-1).astype(np.int64) for s in range(len(self.plan.stages))],
+            "next_position": next_position(positions),
+        }
+
+    def _kv(self, out: dict[str, np.ndarray]) -> KV:
+        return [(out[C.present(i, "key")], out[C.present(i, "value")]) for i in range(self.plan.num_layers)]
+
+    # ------------------------------------------------------------ decoding
+
+    def decode_step(self, token: int, position: int, kv: KV) -> tuple[np.ndarray, KV]:
+        """One token at `position` against every layer's cache: logits (V,) and the caches + 1."""
+        dims = (3, 1, 1) if self.family == QWEN2_5_VL else (1, 1)  # mRoPE: same id in all 3 rows
+        feeds = {
+            C.INPUTS_EMBEDS: np.asarray(self.embed_tokens[token])[None, None, :],  # (1, 1, D)
+            C.POSITION_IDS: np.full(dims, position, dtype=np.int64),
+        }
+        for i, (k, v) in enumerate(kv):
+            feeds[C.past(i, "key")], feeds[C.past(i, "value")] = k, v  # (1, nkv, P_i, hd)
+        out = self._decode(feeds)
+        return out[C.LOGITS].reshape(-1).astype(np.float32), self._kv(out)
+
+    def generate(
+        self, inputs: VLInputs, max_new_tokens: int, eos_token_id: int | None = None
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Greedy decoding, as the eager `routing.generate`: the EOS token is kept and ends it."""
+        limit = int(self.shapes.get("max_new_tokens", max_new_tokens))
+        if not 0 <= max_new_tokens <= limit:
+            raise UserError(f"max new tokens must be in 0..{limit} for this artifact, got {max_new_tokens}")
+        pre = self.prefill(inputs)
+        logits, kv, ids = pre["logits"], pre["kv"], []
+        for step in range(max_new_tokens):
+            token = int(np.argmax(logits))  # first maximum on ties, as torch.argmax
+            ids.append(token)
+            if token == eos_token_id or step + 1 == max_new_tokens:
+                break
+            logits, kv = self.decode_step(token, pre["next_position"] + step, kv)
+        return pre, ids
+
+    def trace(self, inputs: VLInputs, max_new_tokens: int = 16) -> "TraceResult":
+        """The eager `trace` contract (decisions, last logits, greedy ids, text, plan)."""
+        from ..trace import TraceResult
+
+        pre, ids = self.generate(inputs, max_new_tokens, self.manifest.get("eos_token_id"))
+        decisions = {str(s.layer): d.tolist() for s, d in zip(self.plan.stages, pre["decisions"])}
+        return TraceResult(decisions, pre["logits"].tolist(), ids, self.preprocessor.decode(ids), self.plan)
