@@ -33,13 +33,15 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registered name (see `reroute-export models`) or a local checkpoint folder")
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="registered name (see `reroute-export models`) or a local checkpoint folder")
 
 
 def add_plan_args(p: argparse.ArgumentParser, default_method: str = "reroute") -> None:
     g = p.add_argument_group("routing plan")
-    g.add_argument("--method", default=default_method, choices=["none", "fastv", "pdrop", "reroute"])
+    g.add_argument("--method", default=default_method, choices=["none", "fastv", "pdrop", "reroute"],
+                   help="routing method (default: reroute; with --artifact, the artifact's)")
     g.add_argument("--budget", type=float, help="average visual tokens per decoder layer")
     g.add_argument("--schedule", help="named schedule shape from the model's graph spec (e.g. reroute-fastv)")
     g.add_argument("--drop-layers", type=_ints, help="decision layers, 0-based, e.g. 2,7,15,23")
@@ -59,13 +61,14 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--verbose", action="store_true", help="print the details (files, per-step timings)")
 
 
 def plan_from_args(spec: Any, args: argparse.Namespace):
     from .plan import make_plan
 
     return make_plan(
-        spec, args.method, budget=args.budget, schedule=args.schedule,
+        spec, args.method or "reroute", budget=args.budget, schedule=args.schedule,
         drop_layers=args.drop_layers, keep_ratios=args.keep_ratios, keep=args.keep,
     )
 
@@ -74,6 +77,7 @@ def plan_from_args(spec: Any, args: argparse.Namespace):
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Right-aligned plain-text table; a missing cell prints empty."""
     cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
@@ -157,25 +161,128 @@ def load_inputs(loaded: Any, args: argparse.Namespace) -> Any:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .registry import load
-    from .trace import run_trace, spec_for_inputs, stage_table, visual_token_count
+    from .trace import run_trace, spec_for_inputs, visual_token_count
 
     if args.max_new_tokens < 0:
         raise UserError("--max-new-tokens must be >= 0")
-    loaded = load(args.model)
-    inputs = load_inputs(loaded, args)
-    loaded = spec_for_inputs(loaded, visual_token_count(loaded, inputs))
-    plan = plan_from_args(loaded.spec, args)
-    result = run_trace(loaded, plan, inputs, args.max_new_tokens)
+    if (args.model is None) == (args.artifact is None):
+        raise UserError("give --model NAME|DIR (eager reference) or --artifact DIR (exported graphs), one of them")
+    if args.map and not args.image:
+        raise UserError("--map needs an --image (routing maps draw the picture the tokens came from)")
+    if args.artifact:
+        art = load_artifact(args)
+        result = art.trace(artifact_inputs(art, args), args.max_new_tokens)
+        name = f"{art.manifest['model']} (artifact {args.artifact}, {art.manifest['precision']})"
+        family, thw = art.family, art.manifest.get("image_grid_thw")
+    else:
+        from .registry import load
+
+        loaded = load(args.model)
+        inputs = load_inputs(loaded, args)
+        loaded = spec_for_inputs(loaded, visual_token_count(loaded, inputs))
+        result = run_trace(loaded, plan_from_args(loaded.spec, args), inputs, args.max_new_tokens)
+        name = loaded.spec.name
+        family, thw = loaded.family.name, inputs.image_grid_thw
     if args.json:
         emit_json(args.json, result.to_json())
+    if args.map:
+        draw_map(result, args, family, thw)
     if not args.quiet and args.json != "-":
-        print(f"{loaded.spec.name}  method={plan.method}  N={plan.visual_tokens}  "
-              f"avg visual tokens/layer={plan.avg_visual_tokens:.2f}")
-        if plan.stages:
-            print(table(stage_table(result), ["layer", "kept", "deferred", "re-entered"]))
-        print(f"generated: {result.generated_ids}")
-        print(f"text: {result.text!r}")
+        print_trace(name, result)
+    return 0
+
+
+def print_trace(name: str, result: Any) -> None:
+    from .trace import stage_table
+
+    plan = result.plan
+    print(f"{name}  method={plan.method}  N={plan.visual_tokens}  avg visual tokens/layer={plan.avg_visual_tokens:.2f}")
+    if plan.stages:
+        print(table(stage_table(result), ["layer", "kept", "deferred", "re-entered"]))
+    print(f"generated: {result.generated_ids}")
+    print(f"text: {result.text!r}")
+
+
+def draw_map(result: Any, args: argparse.Namespace, family: str, image_grid_thw: Any) -> None:
+    from .preprocess import load_image
+    from .viz import map_for
+
+    map_for(load_image(args.image), result, family, args.map, image_grid_thw=image_grid_thw)
+    if not args.quiet and args.json != "-":
+        print(f"routing map: {args.map}")
+
+
+def runtime_class(name: str) -> Any:
+    """The artifact runner: ONNX Runtime (CPU, or CUDA when present) or TensorRT engines."""
+    if name == "tensorrt":
+        from .runtime.trt import TrtArtifact
+
+        return TrtArtifact
+    from .runtime import OrtArtifact
+
+    return OrtArtifact
+
+
+def add_runtime_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="run the artifact's ONNX graphs (ONNX Runtime) or its TensorRT engines (built by --target trt)")
+
+
+PLAN_FLAGS = ("budget", "schedule", "drop_layers", "keep_ratios", "keep")
+
+
+def load_artifact(args: argparse.Namespace) -> Any:
+    """An exported artifact (manifest verified) for ONNX Runtime; plan flags, if given, must
+    describe the plan it was exported with (an artifact's routing is fixed in its graphs)."""
+    from pathlib import Path
+
+    art = runtime_class(getattr(args, "runtime", "onnxruntime")).load(Path(args.artifact))
+    given = [f for f in PLAN_FLAGS if getattr(args, f, None) is not None]
+    method = getattr(args, "method", None)
+    if given or method not in (None, art.plan.method):
+        from dataclasses import replace
+
+        from .registry import resolve_spec
+
+        try:
+            spec = resolve_spec(art.manifest["model"])
+        except UserError:
+            raise UserError(f"the artifact's model {art.manifest['model']!r} is not registered here, so plan flags "
+                            f"cannot be checked; drop them (its plan: {art.plan.describe()})") from None
+        spec = replace(spec, vision=replace(spec.vision, visual_tokens=art.plan.visual_tokens))
+        asked = plan_from_args(spec, args)
+        if not asked.same_routing(art.plan):
+            raise UserError(f"the artifact was exported for {art.plan.describe()}; the flags ask for "
+                            f"{asked.describe()}: drop the plan flags or export that plan")
+    return art
+
+
+def artifact_inputs(art: Any, args: argparse.Namespace) -> Any:
+    """--image/--prompt through the artifact's own preprocessor, or processor outputs as .npy."""
+    from .preprocess import load_image
+    from .trace import arrays_to_inputs
+
+    if args.input_ids or args.pixel_values:
+        if args.image or args.prompt:
+            raise UserError("give --image/--prompt or --input-ids/--pixel-values, not both")
+        if not (args.input_ids and args.pixel_values):
+            raise UserError("--input-ids and --pixel-values go together")
+        return arrays_to_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)
+    if args.image and args.prompt is not None:
+        return art.prepare(load_image(args.image), args.prompt)
+    raise UserError("give --image FILE --prompt TEXT, or --input-ids ids.npy --pixel-values pv.npy")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Image + prompt -> text from an exported artifact (ONNX Runtime), greedy."""
+    art = load_artifact(args)
+    inputs = artifact_inputs(art, args)
+    result = art.trace(inputs, args.max_new_tokens)
+    if args.json:
+        emit_json(args.json, {"text": result.text, "generated_ids": result.generated_ids,
+                              "decisions": result.decisions})
+    if not args.quiet and args.json != "-":
+        print(result.text)
     return 0
 
 
@@ -193,6 +300,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .export.pipeline import ExportOptions, export_artifact
+    from .export.artifact import check_output
     from .registry import load
     from .trace import spec_for_inputs, visual_token_count
 
@@ -200,6 +308,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("--output DIR is required")
     if args.target not in ("onnx", "trt"):
         raise UserError(f"unknown target {args.target!r}; use --target onnx or --target trt")
+    check_output(Path(args.output), args.force)  # refuse before minutes of work, not after
     loaded = load(args.model)
     inputs = default_inputs(loaded, args)
     if inputs.input_ids.shape[0] != 1:
@@ -209,7 +318,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     opts = ExportOptions(precision=args.precision, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_new_tokens, inline_functions=args.inline_functions,
                          force=args.force, check=not args.no_check, quiet=args.quiet, target=args.target,
-                         device=args.device, plugin_lib=args.plugin_lib)
+                         device=args.device, plugin_lib=args.plugin_lib,
+                         fp32_layers=fp32_layers(args, loaded.spec.text.num_layers))
     if args.target == "trt":
         from .build.trt import device
 
@@ -226,22 +336,45 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{plan.avg_visual_tokens:.2f}, {args.precision})")
         if check:
             print_check(check)
+        if args.verbose:
+            print(table([{"file": f, "bytes": e["bytes"], "sha256": e["sha256"][:16]}
+                         for f, e in result.manifest["files"].items()], ["file", "bytes", "sha256"]))
         if args.target == "trt":
             print_trt(result.manifest["trt"], result.path)
     if result.check_failures:
         return 1
     if args.target == "trt" and not result.engines_built:
+        if result.manifest["trt"].get("error"):
+            return 1  # TensorRT ran and rejected a graph: a failure, not "build it elsewhere"
         from .build.trt import EXIT_NOT_BUILT
 
         return EXIT_NOT_BUILT
     return 0
 
 
+def fp32_layers(args: argparse.Namespace, num_layers: int) -> tuple[int, ...]:
+    if not args.fp32_layers:
+        return ()
+    if args.precision == "fp32":
+        raise UserError("--fp32-layers is for --precision fp16 exports (an fp32 export is fp32 throughout)")
+    from .rewrite.precision import parse_layers
+
+    try:
+        return tuple(parse_layers(args.fp32_layers, num_layers))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def print_trt(rec: dict[str, Any], path: Any) -> None:
     mem = rec["memory"]
+    for warning in rec.get("warnings", []):
+        print(f"warning: {warning}")
     if rec["built"]:
         print(f"TensorRT {rec['tensorrt_version']} engines built on {rec['gpu']} (sm {rec['compute_capability']}): "
               + ", ".join(e["engine"] for e in rec["engines"].values()))
+        return
+    if rec.get("error"):
+        print(f"TensorRT build FAILED: {rec['reason']}: {rec['error']}")
         return
     print(f"no TensorRT engine was built: {rec['reason']}.")
     print(f"to build for {rec['device']} (TensorRT {rec['trt_version']}), copy {path}/ to the device and run "
@@ -260,6 +393,50 @@ def print_check(check: dict[str, Any]) -> None:
              "result": "" if m["first_divergent_step"] is None else f"first differs at step {m['first_divergent_step']}"}]
     print(table(rows, ["check", "value", "result"]))
     print("post-export check: " + ("passed" if check["passed"] else "FAILED: " + "; ".join(check["failures"])))
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .check.parity import COLUMNS, markdown, parse_overrides, run_parity, summary_rows
+
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    overrides = parse_overrides(args.tol)
+    maps: dict[str, str] = {}
+    on_result = None
+    if args.markdown:
+        def on_result(item, ref, got, art):  # noqa: ANN001  (draw maps only where routing differs)
+            if ref.decisions != got.decisions:
+                maps[item.name] = parity_map(item, ref, got, art, Path(args.markdown))
+
+    report = run_parity(Path(args.artifact), args.model, args.inputs, args.max_new_tokens, overrides,
+                        quiet=args.quiet or args.json == "-", on_result=on_result,
+                        runner=runtime_class(args.runtime))
+    if args.json:
+        emit_json(args.json, report.to_json())
+    if args.markdown:
+        from .trace import write_text
+
+        write_text(args.markdown, markdown(report, maps))
+    if not args.quiet and args.json != "-":
+        print(table(summary_rows(report), COLUMNS))
+        for f in report.failures:
+            print(f"FAILED {f}")
+        print(f"parity: {'passed' if report.passed else 'FAILED'} ({len(report.inputs)} inputs, "
+              f"{report.precision} artifact vs fp32 reference)")
+    return 0 if report.passed else 1
+
+
+def parity_map(item: Any, ref: Any, got: Any, art: Any, markdown_path: Any) -> str:
+    """Reference-vs-artifact routing maps beside the markdown report; returns the relative link."""
+    from .preprocess import load_image
+    from .viz import fit_for, grid_for, side_by_side
+
+    name = f"{markdown_path.stem}-{''.join(c if c.isalnum() else '-' for c in item.name)}.png"
+    grid = grid_for(art.family, art.plan.visual_tokens, art.manifest.get("image_grid_thw"))
+    side_by_side(ref, got, load_image(item.image), grid, markdown_path.parent / name, fit=fit_for(art.family))
+    return name
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
@@ -303,13 +480,38 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("trace", help="run the eager reference on one input: decisions, logits, greedy tokens")
-    add_model_args(p)
-    add_plan_args(p)
+    p = sub.add_parser("trace", help="one input through the eager reference (--model) or an artifact (--artifact): "
+                                     "decisions, logits, greedy tokens")
+    add_model_args(p, required=False)
+    p.add_argument("--artifact", help="exported artifact folder, run with ONNX Runtime (instead of --model)")
+    add_runtime_arg(p)
+    add_plan_args(p, default_method=None)
     add_input_args(p)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--map", metavar="PNG", help="draw the routing map (active/deferred/re-entered patches per stage)")
     add_output_args(p)
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("generate", help="image + prompt -> text from an exported artifact (ONNX Runtime, greedy)")
+    p.add_argument("--artifact", required=True, help="exported artifact folder")
+    add_runtime_arg(p)
+    add_input_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    add_output_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("parity", help="eager fp32 reference vs an exported artifact on a set of inputs (CI check)")
+    p.add_argument("--artifact", required=True, help="exported artifact folder")
+    p.add_argument("--model", help="reference model (default: the one the artifact was exported from)")
+    add_runtime_arg(p)
+    p.add_argument("--inputs", help="input set: JSON list of {image, prompt}, or a folder with inputs.json "
+                                    "(default: the shipped sample photos)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens compared per input")
+    p.add_argument("--tol", action="append", metavar="NAME=VALUE",
+                   help="override one tolerance, e.g. logits_max_abs_max=1e-3 (repeatable)")
+    p.add_argument("--markdown", metavar="OUT", help="write a Markdown report (routing maps where routing differs)")
+    add_output_args(p)
+    p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("lint", help="check ONNX graphs against what TensorRT accepts")
     p.add_argument("target", help="artifact folder or .onnx file")
@@ -320,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export ONNX graphs with routing inside the decoder (+ post-export check)")
     add_export_args(p)
     p.set_defaults(func=cmd_export)
+
+    # Commands that live beside their stage (each module registers its own subparser).
+    from .inspect_artifact import register_cli as register_inspect
+
+    register_inspect(sub)
     return parser
 
 
@@ -333,6 +540,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plugin-lib", help="TensorRT plugin library implementing reroute ops (default: local functions)")
     g.add_argument("--output", help="artifact folder to write (refused if it exists, unless --force)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    g.add_argument("--fp32-layers", metavar="RANGE",
+                   help="fp16 exports: keep these decoder layers in fp32, e.g. 28-31 or 28- (fp16 overflow fallback)")
     g.add_argument("--max-prompt-tokens", type=int, help="longest prompt the artifact takes (default N + 512)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--inline-functions", action="store_true", help="write reroute ops expanded into standard ops")

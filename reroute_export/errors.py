@@ -11,3 +11,8 @@ class UserError(Exception):
 
 class MissingCheckpoint(UserError):
     """A real checkpoint is not in a local folder or the HF cache."""
+
+
+class GraphRunError(UserError):
+    """An artifact's graph failed inside the runtime (inconsistent shapes, a tampered or
+    corrupt graph): names the graph and the node. `parity` reports it as a failed check."""

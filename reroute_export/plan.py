@@ -62,6 +62,18 @@ class RoutingPlan:
         starts = [0, *self.decision_layers, self.num_layers]
         return range(starts[index + 1], starts[index + 2])
 
+    def describe(self) -> str:
+        if not self.stages:
+            return f"{self.method} (all {self.visual_tokens} visual tokens)"
+        keeps = ",".join(str(s.keep) for s in self.stages)
+        layers = ",".join(str(s.layer) for s in self.stages)
+        return f"{self.method} keeping {keeps} of {self.visual_tokens} at layers {layers}"
+
+    def same_routing(self, other: "RoutingPlan") -> bool:
+        """Same method, N and (layer, K) per stage: the ratios that produced K may differ."""
+        key = lambda p: (p.method, p.num_layers, p.visual_tokens, [(s.layer, s.keep) for s in p.stages])  # noqa: E731
+        return key(self) == key(other)
+
     def to_dict(self) -> dict:
         return {
             "method": self.method,

@@ -64,6 +64,7 @@ class Loaded:
     family: type["Family"]
     model: "nn.Module"
     preprocessor: "Preprocessor"
+    source: str | None = None  # what loads it again: a registered name or an absolute folder path
 
 
 # ---------------------------------------------------------------- checkpoint folders
@@ -156,16 +157,15 @@ def load(model: str, dtype: "torch.dtype | None" = None) -> Loaded:
         spec = resolve_spec(model)
         family = get_family(spec.family)
         if spec.checkpoint is None:
-            return _load_tiny(spec, family, dtype)
-        folder = _hub_folder(spec)
-    return _load_folder(folder, dtype, name=model if not Path(model).is_dir() else None)
+            return replace(_load_tiny(spec, family, dtype), source=model)
+        return replace(_load_folder(_hub_folder(spec), dtype, name=model), source=model)
+    return replace(_load_folder(folder, dtype), source=str(folder.resolve()))
 
 
 def _load_tiny(spec: GraphSpec, family: type["Family"], dtype: "torch.dtype") -> Loaded:
     from . import tiny
 
-    builder = {"llava": tiny.tiny_llava, "qwen2.5-vl": tiny.tiny_qwen2_5_vl}[family.name]
-    model, pre = builder()
+    model, pre = tiny.build(spec)  # tiny-* and bench-*: sizes from the spec, seeded weights
     return Loaded(spec, family, model.to(dtype).eval(), pre)
 
 

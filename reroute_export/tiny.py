@@ -13,11 +13,19 @@ The tokenizer is a byte-level BPE (256 byte tokens + a fixed list of merges, no 
 so any text round-trips; each family's special tokens are appended like the real ones.
 Weights are re-drawn from a seeded generator with a wide enough spread that attention
 scores and logits differ between tokens (HF's 0.02 init makes a tiny model nearly flat).
+
+The same builders make the benchmark models (`bench-llava`, `bench-qwen2.5-vl`: real
+image sizes and 576 visual tokens, a 1024-wide decoder): every size is a field of
+`Sizes`, read from the model's graph spec by `build(spec)`; the tiny models' own
+sizes are the defaults.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -37,6 +45,9 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from reroute_export.preprocess import LLAVA, QWEN2_5_VL, Preprocessor
+
+if TYPE_CHECKING:
+    from reroute_export.spec import GraphSpec
 
 # Sizes shared by both tiny text decoders.
 TEXT_LAYERS = 8
@@ -72,6 +83,55 @@ _MERGE_WORDS = [
     " image", " picture", " describe", " Describe", " What", " You", " are", " helpful",
     "USER", " ASSISTANT", "system", "user", "assistant", "ing", "er", "th", "he",
 ]
+
+
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size a built-in-code model takes; the defaults are tiny-llava's."""
+
+    text_layers: int = TEXT_LAYERS
+    text_hidden: int = TEXT_HIDDEN
+    text_heads: int = TEXT_HEADS
+    text_kv_heads: int = TEXT_KV_HEADS
+    text_intermediate: int = TEXT_INTERMEDIATE
+    image_size: int = LLAVA_IMAGE_SIZE  # square side in pixels (Qwen: the fixed H = W)
+    vision_layers: int = 2
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+
+    @property
+    def head_dim(self) -> int:
+        return self.text_hidden // self.text_heads
+
+    @property
+    def weight_std(self) -> float:
+        """WEIGHT_STD for narrow models; ~2/sqrt(width) for wide ones, so a 1024-wide random
+        decoder keeps O(1) activations and peaked (not one-hot) attention."""
+        return min(WEIGHT_STD, 2.0 / math.sqrt(self.text_hidden))
+
+    @property
+    def mrope_section(self) -> list[int]:
+        """(t, h, w) rotary frequencies, as Qwen2.5-VL: [16, 24, 24] for head_dim 128."""
+        half = self.head_dim // 2
+        t = half // 4
+        return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+    @classmethod
+    def from_spec(cls, spec: "GraphSpec") -> "Sizes":
+        t, v = spec.text, spec.vision
+        return cls(
+            text_layers=t.num_layers, text_hidden=t.hidden_size, text_heads=t.hidden_size // t.head_dim,
+            text_kv_heads=t.num_kv_heads, text_intermediate=t.intermediate_size, image_size=v.image_size,
+            vision_layers=v.num_layers, vision_hidden=v.hidden_size, vision_heads=max(2, v.hidden_size // 64),
+            vision_intermediate=v.intermediate_size,
+        )
+
+
+TINY_LLAVA = Sizes()
+TINY_QWEN = Sizes(image_size=QWEN_IMAGE_SIZE[0])
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -156,27 +216,29 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llava(
-    seed: int = 0, attn_implementation: str = "sdpa"
+    seed: int = 0, attn_implementation: str = "sdpa", sizes: Sizes = TINY_LLAVA
 ) -> tuple[LlavaForConditionalGeneration, Preprocessor]:
-    """Tiny LLaVA-1.5 (CLIP + projector + Llama), 64 visual tokens, seeded random weights."""
+    """Tiny LLaVA-1.5 (CLIP + projector + Llama), 64 visual tokens, seeded random weights;
+    other `sizes` give the same model at another scale (e.g. bench-llava)."""
     tokenizer = tiny_llava_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    side = sizes.image_size
     vision = CLIPVisionConfig(
-        image_size=LLAVA_IMAGE_SIZE,
+        image_size=side,
         patch_size=PATCH_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=sizes.vision_hidden,
+        intermediate_size=sizes.vision_intermediate,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=sizes.vision_heads,
         projection_dim=32,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=TEXT_HEADS,
-        num_key_value_heads=TEXT_KV_HEADS,
+        hidden_size=sizes.text_hidden,
+        intermediate_size=sizes.text_intermediate,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        num_key_value_heads=sizes.text_kv_heads,
         max_position_embeddings=MAX_POSITIONS,
         bos_token_id=ids["<s>"],
         eos_token_id=ids["</s>"],
@@ -187,17 +249,17 @@ def tiny_llava(
         vision_config=vision,
         text_config=text,
         image_token_index=ids["<image>"],
-        image_seq_length=(LLAVA_IMAGE_SIZE // PATCH_SIZE) ** 2,
+        image_seq_length=(side // PATCH_SIZE) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
-    model = _build(LlavaForConditionalGeneration, config, seed, attn_implementation)
+    model = _build(LlavaForConditionalGeneration, config, seed, attn_implementation, sizes.weight_std)
     _set_generation_ids(model, bos=ids["<s>"], eos=ids["</s>"], pad=ids["<pad>"])
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": LLAVA_IMAGE_SIZE},
-        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
         image_mean=OPENAI_CLIP_MEAN,
         image_std=OPENAI_CLIP_STD,
     )
@@ -205,33 +267,34 @@ def tiny_llava(
 
 
 def tiny_qwen2_5_vl(
-    seed: int = 0, attn_implementation: str = "sdpa"
+    seed: int = 0, attn_implementation: str = "sdpa", sizes: Sizes = TINY_QWEN
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, Preprocessor]:
-    """Tiny Qwen2.5-VL (windowed ViT + 2x2 merger + mRoPE decoder), fixed 224x224 grid."""
+    """Tiny Qwen2.5-VL (windowed ViT + 2x2 merger + mRoPE decoder), fixed 224x224 grid;
+    other `sizes` give the same model at another scale (e.g. bench-qwen2.5-vl, 672x672)."""
     tokenizer = tiny_qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    head_dim = TEXT_HIDDEN // TEXT_HEADS  # 16 -> 8 rotary frequencies = 2 (t) + 3 (h) + 3 (w)
+    head_dim = sizes.head_dim  # tiny: 16 -> 8 rotary frequencies = 2 (t) + 3 (h) + 3 (w)
     vision = dict(
-        depth=2,
-        hidden_size=32,
-        num_heads=2,
-        intermediate_size=64,
+        depth=sizes.vision_layers,
+        hidden_size=sizes.vision_hidden,
+        num_heads=sizes.vision_heads,
+        intermediate_size=sizes.vision_intermediate,
         patch_size=PATCH_SIZE,
         spatial_merge_size=2,
         temporal_patch_size=2,
         window_size=112,
-        fullatt_block_indexes=[1],
-        out_hidden_size=TEXT_HIDDEN,
+        fullatt_block_indexes=[sizes.vision_layers - 1],
+        out_hidden_size=sizes.text_hidden,
     )
     text = dict(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=TEXT_HEADS,
-        num_key_value_heads=TEXT_KV_HEADS,
+        hidden_size=sizes.text_hidden,
+        intermediate_size=sizes.text_intermediate,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        num_key_value_heads=sizes.text_kv_heads,
         max_position_embeddings=MAX_POSITIONS,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": sizes.mrope_section},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -246,7 +309,7 @@ def tiny_qwen2_5_vl(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    model = _build(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation)
+    model = _build(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation, sizes.weight_std)
     eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]  # as Qwen2.5-VL-Instruct's generation_config
     _set_generation_ids(model, bos=None, eos=eos, pad=ids["<|endoftext|>"])
     image_processor = Qwen2VLImageProcessorPil(
@@ -256,8 +319,16 @@ def tiny_qwen2_5_vl(
         min_pixels=56 * 56,
         max_pixels=28 * 28 * 1280,
     )
-    pre = Preprocessor(QWEN2_5_VL, tokenizer, image_processor, image_size=QWEN_IMAGE_SIZE)
+    pre = Preprocessor(QWEN2_5_VL, tokenizer, image_processor, image_size=(sizes.image_size, sizes.image_size))
     return model, pre
+
+
+_BUILDERS = {LLAVA: tiny_llava, QWEN2_5_VL: tiny_qwen2_5_vl}
+
+
+def build(spec: "GraphSpec", seed: int = 0, attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, Preprocessor]:
+    """The built-in-code model a graph spec without a checkpoint describes (tiny-*, bench-*)."""
+    return _BUILDERS[spec.family](seed, attn_implementation, Sizes.from_spec(spec))
 
 
 def save_checkpoint(model: PreTrainedModel, preprocessor: Preprocessor, directory: str | Path) -> None:
@@ -272,28 +343,29 @@ def save_checkpoint(model: PreTrainedModel, preprocessor: Preprocessor, director
 
 
 def _build(
-    model_cls: type[PreTrainedModel], config: PreTrainedConfig, seed: int, attn_implementation: str
+    model_cls: type[PreTrainedModel], config: PreTrainedConfig, seed: int, attn_implementation: str,
+    weight_std: float = WEIGHT_STD,
 ) -> PreTrainedModel:
     """Construct under a forked RNG (caller's global RNG untouched), re-init, fp32, eval."""
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
-    _reinit(model, seed)
+    _reinit(model, seed, weight_std)
     return model.float().eval()
 
 
-def _reinit(model: torch.nn.Module, seed: int) -> None:
+def _reinit(model: torch.nn.Module, seed: int, weight_std: float = WEIGHT_STD) -> None:
     """Redraw every parameter from a private generator, in name order, so seed -> bitwise weights.
 
-    Matrices/embeddings ~ N(0, WEIGHT_STD); norm scales ~ 1 + N(0, BIAS_STD); biases ~ N(0, BIAS_STD).
+    Matrices/embeddings ~ N(0, weight_std); norm scales ~ 1 + N(0, BIAS_STD); biases ~ N(0, BIAS_STD).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
             if param.ndim >= 2:
-                param.copy_(noise * WEIGHT_STD)
+                param.copy_(noise * weight_std)
             elif _is_norm_scale(name):
                 param.copy_(1.0 + noise * BIAS_STD)
             else:

@@ -120,12 +120,18 @@ def stage_table(result: TraceResult) -> list[dict[str, Any]]:
 
 def save_json(path: str | Path, payload: dict[str, Any]) -> None:
     import json
+
+    write_text(path, json.dumps(payload, indent=1))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temp file + rename): no half-written reports."""
     import os
     import tempfile
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)  # whole file or nothing
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -93,7 +93,7 @@ def test_trace_human_output(capsys) -> None:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["plan", "--model", "llava-9b", "--budget", "128"], "unknown model 'llava-9b'; known: llava-1.5-13b"),
+        (["plan", "--model", "llava-9b", "--budget", "128"], "unknown model 'llava-9b'; known: "),
         (["plan", "--model", "llava-1.5-7b", "--budget", "0"], "valid budgets are 1..575"),
         (["plan", "--model", "llava-1.5-7b", "--budget", "128", "--drop-layers", "3,3"], "strictly increasing"),
         (["plan", "--model", "llava-1.5-7b", "--drop-layers", "3,9", "--keep-ratios", "0.5"], "1 keep ratios for 2"),

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import FAMILIES, sample_inputs, tiny
+from conftest import FAMILIES, sample_inputs, tiny, tiny_artifact
 from reroute_export.export import contract as C
-from reroute_export.export.decoder import DecoderExample, decode_example, export_decode, export_prefill
+from reroute_export.export.decoder import DecoderExample, decode_example
 from reroute_export.export.onnx_ops import DOMAIN, inline_functions
 from reroute_export.plan import make_plan
 from reroute_export.rewrite.decoder import static_decode, static_prefill
@@ -22,7 +22,7 @@ METHODS = ["none", "fastv", "pdrop", "reroute"]
 
 
 def plan_for(family: str, method: str):
-    return make_plan(tiny(family).spec, method, budget=None if method == "none" else 24)
+    return make_plan(tiny(family).spec, method, budget=None if method == "none" else 32)
 
 
 def example(family: str) -> DecoderExample:
@@ -58,8 +58,10 @@ def test_static_prefill_and_decode_equal_the_engine(family: str, method: str) ->
 
 @functools.lru_cache(maxsize=None)
 def exported(family: str, method: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    m, plan, ex = tiny(family), plan_for(family, method), example(family)
-    return (export_prefill(m.model, m.family, plan, ex, 512), export_decode(m.model, m.family, plan, ex, 1024))
+    """The graphs export_prefill/export_decode wrote into the shared session artifact
+    (tiny_artifact exports the same plan, budget 32, through the public pipeline)."""
+    folder = tiny_artifact(family, method)
+    return onnx.load(folder / C.PREFILL), onnx.load(folder / C.DECODE)
 
 
 def run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:

@@ -11,15 +11,24 @@ from __future__ import annotations
 DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": {
         "logits_max_abs_max": 1e-4,
+        "vision_max_abs_max": 1e-4,
         "decision_exact_min": 1.0,  # fraction of stages whose selected set is identical
         "token_agreement_min": 1.0,
     },
     "fp16": {
         "decision_overlap_min": 0.9,  # |ref ∩ got| / K, worst stage
         "logits_cosine_min": 0.99,
+        "vision_cosine_min": 0.99,
     },
     "int8": {"decision_overlap_min": 0.7, "logits_cosine_min": 0.9},
     "fp8": {"decision_overlap_min": 0.7, "logits_cosine_min": 0.9},
+}
+
+# Every metric a tolerance may bound (parity's --tol NAME=VALUE), beyond those set above.
+METRICS = {
+    "logits_max_abs_max", "logits_mean_abs_max", "logits_cosine_min", "top5_overlap_min",
+    "decision_exact_min", "decision_overlap_min", "token_agreement_min",
+    "vision_max_abs_max", "vision_mean_abs_max", "vision_cosine_min",
 }
 
 FAMILY_OVERRIDES: dict[tuple[str, str], dict[str, float]] = {}

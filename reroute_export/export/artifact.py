@@ -112,6 +112,12 @@ def _check_replaceable(output: Path, force: bool) -> None:
         )
 
 
+def check_output(output: Path, force: bool) -> None:
+    """Fail early (one line) if `output` could not be replaced; the writer checks again."""
+    cleanup_stale(output)
+    _check_replaceable(output, force)
+
+
 # ---------------------------------------------------------------- the writer
 
 

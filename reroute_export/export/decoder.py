@@ -20,6 +20,7 @@ from torch.export import Dim
 from ..families.base import Family
 from ..plan import RoutingPlan
 from ..rewrite.decoder import eager_attention, static_decode, static_prefill
+from ..rewrite.precision import layer_dtypes
 from . import contract as C
 from .onnx_ops import TRANSLATIONS, attach_functions, inline_functions
 
@@ -106,13 +107,16 @@ def export_prefill(
     return finish(proto, inline)
 
 
-def decode_example(plan: RoutingPlan, example: DecoderExample, num_kv_heads: int, head_dim: int) -> tuple:
+def decode_example(plan: RoutingPlan, example: DecoderExample, num_kv_heads: int, head_dim: int,
+                   dtypes: Sequence[torch.dtype] | None = None) -> tuple:
     """(inputs_embeds (1,1,D), position_ids, past k/v...) with each layer's true cache length
-    (L - N + K_l): zeros suffice, the exporter only needs shapes."""
+    (L - N + K_l) and dtype (`dtypes`, default the example's): zeros suffice, the exporter
+    only needs shapes."""
     length, dtype = example.inputs_embeds.shape[1], example.inputs_embeds.dtype
+    dtypes = dtypes or [dtype] * plan.num_layers
     past = []
-    for keep in plan.keep_per_layer():
-        kv = torch.zeros(1, num_kv_heads, length - plan.visual_tokens + keep, head_dim, dtype=dtype)
+    for keep, layer_dtype in zip(plan.keep_per_layer(), dtypes):
+        kv = torch.zeros(1, num_kv_heads, length - plan.visual_tokens + keep, head_dim, dtype=layer_dtype)
         past += [kv, kv.clone()]
     pos = example.position_ids[..., -1:] + 1  # (1, 1) or (3, 1, 1)
     return (example.inputs_embeds[:, -1:], pos, *past)
@@ -123,7 +127,8 @@ def export_decode(
     max_total_tokens: int, *, inline: bool = False,
 ) -> onnx.ModelProto:
     attn = family.decoder(model).layers[0].self_attn
-    args = decode_example(plan, example, attn.config.num_key_value_heads, attn.head_dim)
+    args = decode_example(plan, example, attn.config.num_key_value_heads, attn.head_dim,
+                          layer_dtypes(model, family))
     stages = stage_of_layers(plan)
     dims = [Dim(f"past_tokens_{s}", min=1, max=max_total_tokens) for s in range(len(plan.stages) + 1)]
     past_shapes: Sequence = tuple({2: dims[stages[i // 2]]} for i in range(2 * plan.num_layers))

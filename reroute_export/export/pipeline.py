@@ -20,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..check.compare import compare, failures
+from ..check.parity import first_nonfinite_layer, nonfinite_message
 from ..check.tolerances import tolerances
 from ..plan import RoutingPlan
 from ..progress import Steps
@@ -27,6 +28,7 @@ from ..registry import Loaded
 from ..trace import TraceResult, run_trace
 from . import contract as C
 from .artifact import ArtifactWriter
+from ..rewrite.precision import keep_layers_fp32
 from .decoder import DecoderExample, export_decode, export_prefill, save
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
@@ -45,6 +47,7 @@ class ExportOptions:
     target: str = "onnx"  # onnx | trt
     device: str = "gpu-trt10"  # a name from data/trt_devices.json (e.g. jetson-orin)
     plugin_lib: str | None = None
+    fp32_layers: tuple[int, ...] = ()  # fp16 exports: decoder layers kept in fp32 (overflow fallback)
 
 
 @dataclass
@@ -94,6 +97,8 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
 
     dtype = PRECISIONS[opts.precision]
     model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
+    if opts.fp32_layers and dtype != torch.float32:
+        keep_layers_fp32(model, loaded.family, opts.fp32_layers)
     grid = tuple(int(x) for x in inputs.image_grid_thw[0]) if inputs.image_grid_thw is not None else None
     sh = shapes(loaded, plan, opts)
     with steps.step("vision graph"):
@@ -112,9 +117,10 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
         loaded.preprocessor.save_pretrained(folder / C.PREPROCESSOR)
     vision_cfg = getattr(loaded.model.config, "vision_config", None)
     return {
-        "model": loaded.spec.name, "family": loaded.family.name, "plan": plan.to_dict(),
+        "model": loaded.spec.name, "model_source": loaded.source, "family": loaded.family.name, "plan": plan.to_dict(),
         "precision": opts.precision, "opset": C.OPSET, "ir_version": C.IR_VERSION,
         "inline_functions": opts.inline_functions, "shapes": sh,
+        "fp32_layers": list(opts.fp32_layers) if opts.precision != "fp32" else [],
         "graphs": {"vision": C.VISION, "prefill": C.PREFILL, "decode": C.DECODE},
         "image_grid_thw": list(grid) if grid else None,
         "spatial_merge_size": getattr(vision_cfg, "spatial_merge_size", None),
@@ -133,8 +139,11 @@ def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Pa
     art = OrtArtifact.load(folder, verify=False)
     got = art.trace(inputs, opts.check_tokens)
     metrics = compare(ref, got)
+    metrics["nonfinite_layer"] = first_nonfinite_layer(art.prefill(inputs)["kv"])
     tol = tolerances(loaded.family.name, opts.precision)
     bad = failures(metrics, tol)
+    if metrics["nonfinite_layer"] is not None:
+        bad.insert(0, nonfinite_message(metrics["nonfinite_layer"]))
     return {"metrics": metrics, "tolerances": tol, "passed": not bad, "failures": bad}, bad
 
 
@@ -169,8 +178,7 @@ def tensorrt_stage(folder: Path, manifest: dict[str, Any], opts: ExportOptions) 
     if opts.device.startswith("jetson"):
         can, why = False, f"engines for {opts.device} must be built on the device (engines are not portable)"
     record = {"device": opts.device, "trt_version": plan["trt_version"], "build_plan": "build_plan.json",
-              "build_script": "build_trt.sh", "memory": plan["memory"]}
+              "build_script": "build_trt.sh", "memory": plan["memory"], "warnings": plan.get("warnings", [])}
     if not can:
         return {**record, "built": False, "reason": why}
-    built = trt.build_engines(folder, plan)
-    return {**record, "built": True, **built}
+    return {**record, **trt.build_engines(folder, plan)}  # "built" True, or False with "reason"/"error"

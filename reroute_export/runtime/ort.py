@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import PIL.Image
 
-from ..errors import UserError
+from ..errors import GraphRunError, UserError
 from ..export import contract as C
 from ..export.artifact import read_manifest
 from ..plan import RoutingPlan
@@ -89,7 +89,13 @@ class Graph:
         if missing:
             raise RuntimeError(f"{self.name} wants inputs {missing} that the runtime does not provide")
         cast = {n: np.ascontiguousarray(feeds[n], dtype=t) for n, t in self.input_types.items()}
-        return dict(zip(self.output_names, self.session.run(None, cast)))
+        try:
+            outputs = self.session.run(None, cast)
+        except Exception as e:  # noqa: BLE001  (ORT's runtime errors carry the failing node's name)
+            text = str(e).strip()
+            detail = text[text.find("running "):] if "running " in text else text.splitlines()[0] if text else ""
+            raise GraphRunError(f"{self.name} failed in ONNX Runtime: {detail}") from None
+        return dict(zip(self.output_names, outputs))
 
 
 @dataclass
@@ -195,15 +201,18 @@ class OrtArtifact:
     def _embeds(self, c: _Checked, pixel_values: Any) -> np.ndarray:
         """(1, L, D) token embeddings with the vision graph's features in the image slots."""
         dtype = self._prefill.dtype(C.INPUTS_EMBEDS)
-        out = self._vision({C.PIXEL_VALUES: _numpy(pixel_values)})
-        d = self.embed_tokens.shape[1]
-        feats = out[C.IMAGE_FEATURES].reshape(-1, d)  # (N, D)
+        feats = self.run_vision(pixel_values)  # (N, D)
         embeds = self.embed_tokens[c.ids].astype(dtype)  # (L, D): fancy indexing copies from the mmap
         n = self.plan.visual_tokens
         if feats.shape[0] != n:
             raise RuntimeError(f"{C.VISION} gave {feats.shape[0]} image features; the plan is for {n}")
         embeds[c.visual_start:c.visual_start + n] = feats.astype(dtype)
         return embeds[None]  # (1, L, D)
+
+    def run_vision(self, pixel_values: Any) -> np.ndarray:
+        """The vision graph alone: (N, D) image features, as float32."""
+        out = self._vision({C.PIXEL_VALUES: _numpy(pixel_values)})
+        return out[C.IMAGE_FEATURES].reshape(-1, self.embed_tokens.shape[1]).astype(np.float32)
 
     def prefill(self, inputs: VLInputs) -> dict[str, Any]:
         """Vision + routed prefill: last logits (V,), per-layer KV, decisions, next position."""

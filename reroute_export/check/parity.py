@@ -1,0 +1,246 @@
+"""`parity`: the eager fp32 reference and an exported artifact on the same inputs, judged.
+
+Per input it reports routing agreement per stage (exact match, overlap of the selected
+sets, the first stage that differs), last-logit max/mean |diff|, cosine and top-1/top-5
+agreement, greedy token agreement with the first divergent step, the vision graph's
+image features against the eager vision tower, and non-finite values with the first
+decoder layer whose KV cache holds them. Tolerances come from `tolerances.py` (per family
+and precision) and can be overridden per metric; a failure names the metric, its value,
+the bound, and a bound that would have passed.
+
+Exit codes (the CLI's): 0 all checks passed, 1 a check failed, 2 could not run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import GraphRunError, UserError
+from ..progress import Steps
+from .compare import compare, failures
+from .tolerances import DEFAULTS, tolerances
+
+
+@dataclass
+class ParityInput:
+    name: str
+    image: Path
+    prompt: str
+
+
+@dataclass
+class ParityReport:
+    artifact: str
+    model: str
+    precision: str
+    tolerances: dict[str, float]
+    tokens: int
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{r['input']}: {msg}" for r in self.inputs for msg in r["failures"]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return {"artifact": self.artifact, "model": self.model, "precision": self.precision,
+                "tolerances": self.tolerances, "tokens": self.tokens, "passed": self.passed,
+                "failures": self.failures, "inputs": self.inputs}
+
+
+# ---------------------------------------------------------------- input sets
+
+
+def input_set(spec: str | None) -> list[ParityInput]:
+    """The shipped sample photos and prompts, or the user's set: a JSON file (or a folder
+    holding `inputs.json`) listing {"image": path relative to it, "prompt": text}."""
+    if spec is None:
+        from ..preprocess import samples
+
+        return [ParityInput(Path(p).stem, Path(p), prompt) for p, prompt in samples()]
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "inputs.json"
+    if not path.is_file():
+        raise UserError(f"input set {spec} not found (a JSON file, or a folder with inputs.json)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"input set {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, list) or not raw or not all(isinstance(r, dict) and {"image", "prompt"} <= set(r)
+                                                      for r in raw):
+        raise UserError(f"input set {path} must be a non-empty list of {{\"image\": ..., \"prompt\": ...}}")
+    out = []
+    for i, r in enumerate(raw):
+        image = (path.parent / r["image"]).resolve()
+        if not image.is_file():
+            raise UserError(f"input set {path}: image {r['image']} not found")
+        out.append(ParityInput(r.get("name") or f"{i}:{image.stem}", image, str(r["prompt"])))
+    return out
+
+
+# ---------------------------------------------------------------- per-input checks
+
+
+def first_nonfinite_layer(kv: list[tuple[np.ndarray, np.ndarray]]) -> int | None:
+    """The first decoder layer whose prefill K or V holds a NaN/Inf (fp16 overflow shows here)."""
+    return next((i for i, (k, v) in enumerate(kv) if not (np.isfinite(k).all() and np.isfinite(v).all())), None)
+
+
+def nonfinite_message(layer: int) -> str:
+    start = max(0, layer - 1)
+    return (f"non-finite values first appear in the prefill KV cache of decoder layer {layer} (from layer "
+            f"{start}'s output or layer {layer}'s projections): an fp16 overflow; keep that part in fp32 "
+            f"(--fp32-layers {start}-{layer}) or export in fp32 (--precision fp32)")
+
+
+def vision_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    a, b = ref.astype(np.float64).reshape(-1), got.astype(np.float64).reshape(-1)
+    d = np.abs(a - b)
+    return {"vision_max_abs": float(d.max()), "vision_mean_abs": float(d.mean()),
+            "vision_cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)),
+            "vision_finite": bool(np.isfinite(b).all())}
+
+
+def check_input(loaded: Any, art: Any, plan: Any, item: ParityInput, tokens: int, tol: dict[str, float]
+                ) -> tuple[dict[str, Any], Any, Any]:
+    from ..export import contract as C
+    from ..preprocess import load_image
+    from ..trace import run_trace
+
+    image = load_image(item.image)
+    inputs = art.prepare(image, item.prompt)
+    ref = run_trace(loaded, plan, inputs, tokens)
+    got = art.trace(inputs, tokens)
+    metrics = compare(ref, got)
+    with torch.no_grad():
+        ref_feats = loaded.family.image_features(loaded.model, inputs).float().numpy()  # (N, D)
+    got_feats = art.run_vision(inputs.pixel_values)
+    metrics.update(vision_metrics(ref_feats, got_feats))
+    pre = art.prefill(inputs)
+    metrics["nonfinite_layer"] = first_nonfinite_layer(pre["kv"])
+    bad = failures(metrics, tol)
+    if not metrics["vision_finite"]:
+        bad.insert(0, f"non-finite values in the vision graph's output ({C.IMAGE_FEATURES})")
+    if metrics["nonfinite_layer"] is not None:
+        bad.insert(0, nonfinite_message(metrics["nonfinite_layer"]))
+    record = {"input": item.name, "image": str(item.image), "prompt": item.prompt, "metrics": metrics,
+              "failures": bad, "reference": {"decisions": ref.decisions, "generated_ids": ref.generated_ids},
+              "artifact": {"decisions": got.decisions, "generated_ids": got.generated_ids}}
+    return record, ref, got
+
+
+def run_parity(artifact: Path, model: str | None = None, inputs: str | None = None, tokens: int = 16,
+               overrides: dict[str, float] | None = None, quiet: bool = False,
+               on_result: Callable[[ParityInput, Any, Any, Any], None] | None = None,
+               runner: Any = None) -> ParityReport:
+    """Run the reference and the artifact on every input of the set; never raises for a
+    failed check (see `ParityReport.failures`), only for inputs it cannot run."""
+    from ..registry import load
+    from ..runtime import OrtArtifact
+    from ..trace import spec_for_inputs
+
+    items = input_set(inputs)
+    art = (runner or OrtArtifact).load(Path(artifact))
+    m = art.manifest
+    source = model or m.get("model_source") or m["model"]
+    loaded = load(source)
+    if loaded.family.name != m["family"]:
+        raise UserError(f"--model {source} is a {loaded.family.name} model; the artifact is {m['family']}")
+    loaded = spec_for_inputs(loaded, art.plan.visual_tokens)
+    tol = tolerances(m["family"], m["precision"], overrides)
+    report = ParityReport(str(artifact), source, m["precision"], tol, tokens)
+    steps = Steps(len(items), quiet=quiet, title="parity")
+    try:
+        for item in items:
+            with steps.step(f"{item.name}: reference vs artifact"):
+                try:
+                    record, ref, got = check_input(loaded, art, art.plan, item, tokens, tol)
+                except GraphRunError as e:  # the artifact itself is broken: a failed check, not a crash
+                    report.inputs.append({"input": item.name, "image": str(item.image), "prompt": item.prompt,
+                                          "metrics": None, "failures": [f"the artifact did not run: {e}"]})
+                    continue
+            report.inputs.append(record)
+            if on_result is not None:
+                on_result(item, ref, got, art)
+    finally:
+        steps.close()
+    return report
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, float]:
+    """--tol NAME=VALUE (e.g. logits_max_abs_max=1e-3) -> {NAME: VALUE}, names checked."""
+    from .tolerances import METRICS
+
+    known = METRICS | {k for table in DEFAULTS.values() for k in table}
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--tol takes NAME=VALUE, got {item!r}")
+        if name not in known:
+            raise UserError(f"unknown tolerance {name!r}; known: {', '.join(sorted(known))}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UserError(f"--tol {name}: {value!r} is not a number") from None
+    return out
+
+
+# ---------------------------------------------------------------- reports
+
+
+def summary_rows(report: ParityReport) -> list[dict[str, Any]]:
+    rows = []
+    for r in report.inputs:
+        m = r["metrics"]
+        if m is None:
+            rows.append({"input": r["input"], "routing": "did not run", "result": "FAIL"})
+            continue
+        rows.append({
+            "input": r["input"],
+            "routing": "exact" if m["decision_exact"] == 1 else f"overlap {m['decision_overlap']:.2f} "
+                                                                  f"(first differs: layer {m['first_differing_stage']})",
+            "logits max diff": f"{m['logits_max_abs']:.2e}", "cosine": f"{m['logits_cosine']:.5f}",
+            "top1/top5": f"{'yes' if m['top1_agree'] else 'no'}/{m['top5_overlap']:.1f}",
+            "tokens": f"{m['token_agreement']:.2f}" + ("" if m["first_divergent_step"] is None
+                                                      else f" (step {m['first_divergent_step']})"),
+            "vision max diff": f"{m['vision_max_abs']:.2e}",
+            "result": "pass" if not r["failures"] else "FAIL",
+        })
+    return rows
+
+
+COLUMNS = ["input", "routing", "logits max diff", "cosine", "top1/top5", "tokens", "vision max diff", "result"]
+
+
+def markdown(report: ParityReport, maps: dict[str, str] | None = None) -> str:
+    lines = [f"## reroute-export parity: {'passed' if report.passed else 'FAILED'}", "",
+             f"Artifact `{report.artifact}` ({report.precision}) against the eager fp32 reference `{report.model}`, "
+             f"{report.tokens} greedy tokens per input.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in summary_rows(report):
+        lines.append("| " + " | ".join(str(row.get(c, "")) for c in COLUMNS) + " |")
+    if report.failures:
+        lines += ["", "### Failures", ""] + [f"- {f}" for f in report.failures]
+    for r in report.inputs:
+        stages = (r["metrics"] or {}).get("stages")
+        if stages:
+            lines += ["", f"<details><summary>{r['input']}: routing per stage</summary>", "",
+                      "| layer | exact | overlap |", "|---|---|---|"]
+            lines += [f"| {s['layer']} | {'yes' if s['exact'] else 'no'} | {s['overlap']:.3f} |" for s in stages]
+            lines += ["", "</details>"]
+        if maps and r["input"] in maps:
+            lines += ["", f"Routing maps, reference (top) vs artifact (bottom), {r['input']}:", "",
+                      f"![routing maps {r['input']}]({maps[r['input']]})"]
+    lines += ["", "Tolerances: " + ", ".join(f"`{k}`={v:g}" for k, v in report.tolerances.items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,170 @@
+"""Bad input on the export/artifact side: one line, a non-zero exit, nothing created or changed.
+
+(Model names, budgets, schedules and images are covered in test_cli.py.) Also: an export
+interrupted by Ctrl-C or killed outright leaves the previous artifact intact and no
+partial folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_artifact
+from reroute_export.cli import main
+from reroute_export.export import contract as C
+from reroute_export.preprocess import samples
+
+IMAGE, PROMPT = str(samples()[0][0]), samples()[0][1]
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under folder (hidden ones too) -> sha256: 'nothing changed' means equal trees."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys, args: list, code: int = 2) -> str:
+    got = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert err.count("\n") == 1 and err.startswith("reroute-export: error: "), err
+    return err
+
+
+@pytest.fixture()
+def art_copy(tmp_path) -> Path:
+    out = tmp_path / "art"
+    shutil.copytree(tiny_artifact("llava"), out)
+    return out
+
+
+def test_existing_output_needs_force(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    before = tree(tmp_path)
+    err = one_line_error(capsys, ["--model", "tiny-llava", "--budget", "32", "--target", "onnx", "--output", out])
+    assert "exists; pass --force" in err
+    err = one_line_error(capsys, ["--model", "tiny-llava", "--budget", "32", "--target", "onnx", "--output", out,
+                                  "--force"])
+    assert "not a reroute-export artifact" in err  # --force never deletes what we did not write
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget", "64"], "valid budgets are 1..63"),
+    (["--budget", "0"], "valid budgets are 1..63"),
+    (["--drop-layers", "5,2", "--keep-ratios", "0.5,0.25"], "strictly increasing"),
+    (["--drop-layers", "2,9", "--keep-ratios", "0.5,0.25"], "out of range"),
+    (["--drop-layers", "2,5", "--keep-ratios", "0.5"], "keep ratios for 2"),
+    (["--drop-layers", "2,5", "--keep-ratios", "0.5,1.5"], "(0, 1]"),
+    (["--budget", "32", "--target", "tflite"], "unknown target 'tflite'"),
+    (["--budget", "32", "--target", "trt", "--device", "jetson-tx1"], "unknown device 'jetson-tx1'"),
+    (["--budget", "32", "--image", "README.md", "--prompt", "x"], "not an image"),
+])
+def test_bad_export_arguments_write_nothing(args, message, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, ["--model", "tiny-llava", *args, "--output", out])
+    assert message in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_image_is_refused(tmp_path, capsys) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(Path(IMAGE).read_bytes()[:300])  # a truncated JPEG
+    before = tree(tmp_path)
+    err = one_line_error(capsys, ["trace", "--model", "tiny-llava", "--budget", "32", "--image", bad,
+                                  "--prompt", "x"])
+    assert "broken.jpg" in err
+    assert tree(tmp_path) == before
+
+
+def test_prompt_longer_than_the_artifact_is_refused(tmp_path, capsys) -> None:
+    art = tiny_artifact("llava")
+    limit = json.loads((art / C.MANIFEST).read_text())["shapes"]["max_prompt_tokens"]
+    err = one_line_error(capsys, ["generate", "--artifact", art, "--image", IMAGE, "--prompt", "word " * limit])
+    assert f"this artifact takes at most {limit}" in err
+
+
+def test_artifact_with_a_missing_file(art_copy, capsys) -> None:
+    (art_copy / C.DECODE).unlink()
+    before = tree(art_copy)
+    err = one_line_error(capsys, ["generate", "--artifact", art_copy, "--image", IMAGE, "--prompt", PROMPT])
+    assert f"{C.DECODE} is missing" in err
+    assert tree(art_copy) == before
+
+
+def test_artifact_with_a_checksum_mismatch(art_copy, capsys) -> None:
+    with open(art_copy / C.EMBEDDINGS, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x01\x02\x03")
+    err = one_line_error(capsys, ["parity", "--artifact", art_copy])
+    assert f"{C.EMBEDDINGS} checksum mismatch" in err
+
+
+def test_artifact_from_an_incompatible_version(art_copy, capsys) -> None:
+    manifest = json.loads((art_copy / C.MANIFEST).read_text())
+    manifest["format"] = "reroute-export/0"
+    (art_copy / C.MANIFEST).write_text(json.dumps(manifest))
+    err = one_line_error(capsys, ["trace", "--artifact", art_copy, "--image", IMAGE, "--prompt", PROMPT])
+    assert "incompatible version of reroute-export" in err and "re-export" in err
+
+
+def test_not_an_artifact(tmp_path, capsys) -> None:
+    err = one_line_error(capsys, ["generate", "--artifact", tmp_path, "--image", IMAGE, "--prompt", PROMPT])
+    assert "manifest.json is missing" in err
+
+
+# ---------------------------------------------------------------- interrupted exports
+
+
+def _export_process(out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "reroute_export", "--model", "tiny-llava", "--budget", "32", "--target", "onnx",
+           "--output", str(out), "--force", "--no-check"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_partial(out: Path, proc: subprocess.Popen, timeout: float = 240) -> Path:
+    """Block until the exporter has written its first graph into its temporary sibling."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        partial = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+        if partial and (partial[0] / C.VISION).exists():
+            return partial[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("export never started writing")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_interrupted_export_keeps_the_previous_artifact(how: str, tmp_path) -> None:
+    out = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact("llava"), out)
+    before = tree(tmp_path)
+    proc = _export_process(out)
+    partial = _wait_for_partial(out, proc)
+    proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert tree(out) == {k.split("/", 1)[1]: v for k, v in before.items() if k.startswith("artifact/")}
+    if how == "ctrl-c":
+        assert proc.returncode == 130 and "interrupted" in err
+        assert not partial.exists()  # cleaned up on the way out
+        assert tree(tmp_path) == before
+    else:
+        assert proc.returncode == -signal.SIGKILL  # nothing could run: the next writer cleans up
+        from reroute_export.export.artifact import cleanup_stale
+
+        cleanup_stale(out)
+        assert not partial.exists() and tree(tmp_path) == before

@@ -1,0 +1,108 @@
+"""`bench` on the tiny LLaVA: one round, two methods, both live backends, TensorRT reported
+as skipped. Checks the record contract and that every figure is a positive finite
+number; no timing assertions (CI machines are shared and noisy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_artifact
+from reroute_export import bench
+from reroute_export.errors import UserError
+
+MODEL, BUDGET, METHODS = "tiny-llava", 32, ("none", "reroute")
+TIMED = ("vision_ms", "prefill_ms_p50", "prefill_ms_p90", "decode_ms_per_token")
+ANALYTIC = ("theoretical_speedup", "prefill_tflops", "prefill_tflops_none", "prefill_tflops_with_vision",
+            "kv_cache_bytes_fp16")
+
+
+def _artifacts(tmp_path: Path) -> Path:
+    """The session's tiny artifacts (same plans: budget 32) under the names bench reuses."""
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    for m in METHODS:
+        (root / f"{MODEL}-{m}").symlink_to(tiny_artifact("llava", m, budget=BUDGET), target_is_directory=True)
+    return root
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reroute-export")
+    bench.register_cli(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_cli_writes_records_and_summary(tmp_path: Path) -> None:
+    out, md = tmp_path / "out.json", tmp_path / "out.md"
+    args = _parser().parse_args([
+        "bench", "--model", MODEL, "--budget", str(BUDGET), "--methods", ",".join(METHODS),
+        "--backends", "torch,onnxruntime,tensorrt", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2",
+        "--artifacts", str(_artifacts(tmp_path)), "--json", str(out), "--markdown", str(md), "--quiet",
+    ])
+    assert args.func is bench.cmd_bench and args.threads == 2
+    assert args.func(args) == 0
+    payload = json.loads(out.read_text())
+    records = payload["records"]
+    assert [(r["method"], r["backend"]) for r in records] == [
+        (m, b) for b in ("torch", "onnxruntime", "tensorrt") for m in METHODS]
+    for r in records:
+        assert all(_positive(r[k]) for k in ANALYTIC), r
+        if r["backend"] == "tensorrt":
+            assert r["status"].startswith("skipped: ")  # never a fake timing
+            assert "prefill_ms_p50" not in r
+            continue
+        assert r["status"] == "ok"
+        assert all(_positive(r[k]) for k in TIMED), r
+        assert math.isfinite(r["peak_mem_mb"]) and r["peak_mem_mb"] >= 0
+        assert r["prefill_ms_p90"] >= r["prefill_ms_p50"]
+        assert r["threads"] == 2 and r["repeats"] == 1
+    none, rr = records[0], records[1]
+    assert none["theoretical_speedup"] == 1 and rr["theoretical_speedup"] > 1
+    assert rr["kv_cache_bytes_fp16"] < none["kv_cache_bytes_fp16"]
+    summary = payload["summary"]
+    assert set(summary["per_backend"]) == {"torch", "onnxruntime"}
+    for entry in summary["per_backend"].values():
+        assert _positive(entry["reroute_speedup_vs_none"]) and _positive(entry["fraction_of_theoretical"])
+    assert _positive(summary["onnxruntime_over_torch"])
+    assert payload["machine"]["cpu_count"] >= 1
+    assert "| reroute | onnxruntime |" in md.read_text()
+
+
+def test_run_bench_torch_only_without_export() -> None:
+    records = bench.run_bench(MODEL, BUDGET, ["pdrop"], ["torch"], repeats=1, warmup=0, threads=1,
+                              progress=False, decode_tokens=1)
+    (r,) = records
+    assert r["method"] == "pdrop" and r["backend"] == "torch" and r["threads"] == 1
+    assert all(_positive(r[k]) for k in TIMED + ANALYTIC)
+    summary = bench.summarize(records)
+    assert summary["per_backend"] == {} and "onnxruntime_over_torch" not in summary
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"methods": ["reroute", "prune"]}, "unknown method"),
+    ({"backends": ["tvm"]}, "unknown backend"),
+    ({"repeats": 0}, "--repeats must be >= 1"),
+    ({"budget": 1000}, "budget 1000 out of range"),
+])
+def test_bad_input_is_one_line_user_error(kwargs, message) -> None:
+    call = {"model_name": MODEL, "budget": BUDGET, "methods": ["reroute"], "backends": ["torch"],
+            "repeats": 1, "warmup": 0, "progress": False, **kwargs}
+    with pytest.raises(UserError, match=message) as e:
+        bench.run_bench(**call)
+    assert "\n" not in str(e.value)
+
+
+def test_percentile_matches_numpy() -> None:
+    import numpy as np
+
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    for q in (0, 50, 90, 100):
+        assert bench.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
