@@ -15,14 +15,19 @@ Backends:
                  `runtime.OrtArtifact` on CPU (the vision, prefill and decode graphs)
     tensorrt     reported as skipped where TensorRT is not installed (never faked)
 
-Method: every backend's methods are timed round-robin (one prefill + decode pass of
-each method per round, rotating which goes first) so drift on a shared machine hits
-them alike; backends run one after the other, never concurrently. Prefill times the
-decoder alone (embeddings with the image features are built once per method, outside
-the timer); vision is timed on its own. Peak memory is the largest RSS growth during
-one vision + prefill + decode pass over the RSS just before it (Linux VmHWM, reset
-through /proc/self/clear_refs before each pass): activations, KV caches and runtime
-arenas, not the weights (those are `weights_rss_mb`).
+Method: each backend first runs one untimed memory pass per method, then warm-up and
+timed rounds; within a round every method makes one vision + prefill + decode pass,
+the first method rotating per round, so drift on a shared machine hits all methods
+alike. Backends run one after the other, never concurrently. Prefill times the decoder
+alone (embeddings with the image features are built once per method, outside the
+timer); vision is timed on its own. `prefill_cpu_ms_p50` is process CPU time (all
+threads): with --threads 1 it barely moves when other processes share the cores.
+
+Peak memory (`peak_mem_mb`) is RSS, not tracemalloc (torch and ONNX Runtime allocate
+outside Python's allocator): the peak RSS growth during the memory pass over the RSS
+just before it, after glibc's malloc_trim and with VmHWM reset via /proc/self/clear_refs.
+It counts activations, KV caches and runtime arenas; weights are `weights_rss_mb`
+(ONNX Runtime sessions; the torch model is shared by every torch record).
 """
 
 from __future__ import annotations
@@ -99,6 +104,16 @@ def peak_rss() -> Iterator[list[float]]:
     out.append(max(0.0, peak - start))
 
 
+def _malloc_trim() -> None:
+    """glibc: return free heap pages to the OS (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 # ---------------------------------------------------------------- statistics
 
 
@@ -114,12 +129,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass
 class Samples:
-    """What one (method, backend) collected over its timed rounds."""
+    """What one (method, backend) collected: timed rounds, and its memory pass."""
 
     vision_ms: list[float] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)
+    prefill_cpu_ms: list[float] = field(default_factory=list)  # process CPU time, all threads
     decode_ms: list[float] = field(default_factory=list)  # one entry per generated token
-    peak_mb: list[float] = field(default_factory=list)  # warm-up passes included
+    peak_mb: list[float] = field(default_factory=list)
 
     def figures(self) -> dict[str, float]:
         return {
@@ -127,6 +143,7 @@ class Samples:
             "prefill_ms_p50": percentile(self.prefill_ms, 50),
             "prefill_ms_p90": percentile(self.prefill_ms, 90),
             "prefill_ms_min": min(self.prefill_ms),
+            "prefill_cpu_ms_p50": percentile(self.prefill_cpu_ms, 50),
             "decode_ms_per_token": percentile(self.decode_ms, 50),
             "peak_mem_mb": max(self.peak_mb),
         }
@@ -136,6 +153,14 @@ def _ms(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()
     return (time.perf_counter() - t0) * 1e3, out
+
+
+def _ms_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Wall and process-CPU milliseconds. With one thread the CPU figure barely moves when
+    other processes share the cores; with more it also counts worker threads' spin-waits."""
+    c0 = time.process_time()
+    wall, out = _ms(fn)
+    return wall, (time.process_time() - c0) * 1e3, out
 
 
 # ---------------------------------------------------------------- runners
@@ -155,21 +180,27 @@ class Runner:
 
     def close(self) -> None: ...
 
-    def one_pass(self, samples: Samples, decode_tokens: int, timed: bool) -> None:
-        """Vision, prefill and `decode_tokens` greedy decode steps; memory always, times if `timed`."""
-        with peak_rss() as peak:
-            v_ms, _ = _ms(self.vision)
-            p_ms, state = _ms(self.prefill)
-            d_ms = []
-            for step in range(decode_tokens):
-                ms, state = _ms(lambda: self.decode(state, step))
-                d_ms.append(ms)
-            del state
-        samples.peak_mb.extend(peak)
+    def one_pass(self, samples: Samples, decode_tokens: int, timed: bool = True) -> None:
+        """Vision, prefill and `decode_tokens` greedy decode steps; times kept if `timed`."""
+        v_ms, _ = _ms(self.vision)
+        p_ms, p_cpu, state = _ms_cpu(self.prefill)
+        d_ms = []
+        for step in range(decode_tokens):
+            ms, state = _ms(lambda: self.decode(state, step))
+            d_ms.append(ms)
         if timed:
             samples.vision_ms.append(v_ms)
             samples.prefill_ms.append(p_ms)
+            samples.prefill_cpu_ms.append(p_cpu)
             samples.decode_ms.extend(d_ms)
+
+    def memory_pass(self, samples: Samples, decode_tokens: int) -> None:
+        """One untimed pass whose peak RSS growth is this runner's working memory."""
+        gc.collect()
+        _malloc_trim()  # hand freed heap back, or an earlier pass's pages hide this one's growth
+        with peak_rss() as peak:
+            self.one_pass(samples, decode_tokens, timed=False)
+        samples.peak_mb.extend(peak)
 
 
 class TorchRunner(Runner):
@@ -341,6 +372,9 @@ def _round_robin(runners: dict[str, Runner], cfg: BenchConfig, steps: Any, backe
     samples = {m: Samples() for m in runners}
     order = list(runners)
     rounds = cfg.warmup + cfg.repeats
+    with steps.step(f"{backend}: memory pass"):
+        for m in order:  # first run of each session/plan: arenas and caches grow here
+            runners[m].memory_pass(samples[m], cfg.decode_tokens)
     for r in range(rounds):
         label = f"{backend}: {'warm-up' if r < cfg.warmup else 'timed'} round {r + 1}/{rounds}"
         with steps.step(label):
@@ -380,7 +414,8 @@ def run_bench(
     reports = {m: plan_report(loaded.spec, p, text_tokens) for m, p in plans.items()}
     live = [b for b in cfg.backends if b != "tensorrt"]
     rounds = cfg.warmup + cfg.repeats
-    steps = Steps(len(live) * rounds + ("onnxruntime" in live) * len(cfg.methods), quiet=not progress, title="bench")
+    steps = Steps(len(live) * (rounds + 1) + ("onnxruntime" in live) * len(cfg.methods), quiet=not progress,
+                  title="bench")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     records: list[dict[str, Any]] = []
@@ -444,7 +479,8 @@ def _record_base(cfg: BenchConfig, loaded: "Loaded", plan: Any, rep: dict[str, A
         "prefill_tflops_with_vision": rep["prefill_tflops"] + rep["vision_tflops"],
         "kv_cache_bytes_fp16": rep["kv_cache_bytes_fp16"], "kv_cache_bytes_fp16_none": rep["kv_cache_bytes_fp16_none"],
         "kv_cache_entries": rep["kv_cache_entries"],
-        "peak_mem_kind": "RSS growth over the pass's start (VmHWM reset per pass)",
+        "peak_mem_kind": "peak RSS growth during one untimed vision+prefill+decode pass, after malloc_trim "
+                         "(VmHWM reset via /proc/self/clear_refs); weights excluded (weights_rss_mb)",
     }
 
 

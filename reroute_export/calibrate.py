@@ -779,21 +779,24 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
             raise UserError(f"unknown library {library!r}; use one of {', '.join(LIBRARIES)}")
         rec.library = library
     _check_paths(src, out)
-    steps = Steps(3 + len(rec.graphs) + 1, quiet=quiet, title="calibrate")
+    steps = Steps(3 + len(rec.graphs), quiet=quiet, title="calibrate")
     try:
         with steps.step("load the fp32 artifact and the calibration set"):
             manifest = read_manifest(src)  # every file re-hashed
             if manifest.get("precision") != "fp32":
                 raise UserError(f"calibrate takes an fp32 artifact; {src} is {manifest.get('precision')}")
             art = OrtArtifact.load(src, ["CPUExecutionProvider"], verify=False)
-            chosen = _pick(load_calibration_set(calibration_set), rec)
+            set_dir = Path(calibration_set) if calibration_set is not None else calibration_dir()
+            chosen = _pick(load_calibration_set(set_dir), rec)
             inputs = [art.prepare(load_image(s.image), s.prompt) for s in chosen]
         graphs = {**{r: n for r, n in zip(ROLES, (C.VISION, C.PREFILL, C.DECODE))}, **manifest.get("graphs", {})}
         with ArtifactWriter(out, force=force) as w, tempfile.TemporaryDirectory(prefix="reroute-calib-") as tmp:
             quant: dict[str, Any] = {}
             for role in ROLES:
-                if role not in rec.graphs:
-                    shutil.copy2(src / graphs[role], w.path / graphs[role])
+                if role not in rec.graphs:  # kept fp32, external weights too
+                    for name in (graphs[role], graphs[role] + ".data"):
+                        if (src / name).is_file():
+                            shutil.copy2(src / name, w.path / name)
                     quant[role] = {"quantized": False}
                     continue
                 with steps.step(f"{role} graph: calibrate (routing active) and quantize ({rec.library}, {precision})"):
@@ -802,7 +805,7 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
             with steps.step("embeddings, preprocessor, manifest"):
                 shutil.copy2(src / C.EMBEDDINGS, w.path / C.EMBEDDINGS)
                 shutil.copytree(src / C.PREPROCESSOR, w.path / C.PREPROCESSOR)
-                new = _manifest(manifest, src, rec, chosen, quant)
+                new = _manifest(manifest, src, rec, chosen, quant, set_dir)
                 w.write_manifest(new)  # the runtime reads it during the parity run
             with steps.step("parity: quantized vs fp32 (ONNX Runtime, CPU)"):
                 new["calibration_parity"] = parity_report(src, w.path, precision, rec.parity_tokens)
@@ -855,7 +858,7 @@ def _quantize_graph(src: Path, dst: Path, role: str, art: Any, inputs: list[Any]
 
 
 def _manifest(src_manifest: dict[str, Any], src: Path, rec: Recipe, chosen: list[CalibrationSample],
-              quant: dict[str, Any]) -> dict[str, Any]:
+              quant: dict[str, Any], set_dir: Path) -> dict[str, Any]:
     from .export.pipeline import versions
 
     new = copy.deepcopy(src_manifest)
@@ -874,7 +877,7 @@ def _manifest(src_manifest: dict[str, Any], src: Path, rec: Recipe, chosen: list
                        "FLOAT8E4M3FN, scale = amax / 448, per-channel weights, per-tensor activations"),
             "recipe": rec.to_dict(),
             "calibration": {
-                "set": str(calibration_dir()),
+                "set": str(set_dir),
                 "samples": [{"file": s.entry["file"], "prompt": s.prompt, "licence": s.entry["licence"],
                              "sha256": s.entry["sha256"]} for s in chosen],
                 "routing_active": True,
