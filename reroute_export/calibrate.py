@@ -745,12 +745,15 @@ def _library_version(library: str) -> str:
         return onnxruntime.__version__ if library == "onnxruntime" else "unknown"
 
 
-def _check_paths(src: Path, out: Path) -> None:
+def _check_paths(src: Path, out: Path, force: bool) -> None:
+    """Fail before any work; ArtifactWriter checks the output again (and what --force may replace)."""
     if not src.is_dir():
         raise UserError(f"artifact folder not found: {src}")
     s, o = src.resolve(), out.resolve()
     if s == o or s in o.parents or o in s.parents:
         raise UserError(f"--output {out} must be outside the fp32 artifact {src} (and not contain it)")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UserError(f"output folder {out} exists; pass --force to replace it")
 
 
 def _pick(samples: list[CalibrationSample], recipe: Recipe) -> list[CalibrationSample]:
@@ -778,7 +781,7 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
         if library not in LIBRARIES:
             raise UserError(f"unknown library {library!r}; use one of {', '.join(LIBRARIES)}")
         rec.library = library
-    _check_paths(src, out)
+    _check_paths(src, out, force)
     steps = Steps(3 + len(rec.graphs), quiet=quiet, title="calibrate")
     try:
         with steps.step("load the fp32 artifact and the calibration set"):
