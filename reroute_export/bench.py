@@ -13,7 +13,9 @@ Backends:
     torch        the eager reference `routing.RoutedModel` (prefill, decode_step)
     onnxruntime  the artifact `export.pipeline.export_artifact` writes, run by
                  `runtime.OrtArtifact` on CPU (the vision, prefill and decode graphs)
-    tensorrt     reported as skipped where TensorRT is not installed (never faked)
+    tensorrt     where TensorRT and a GPU are present: the same artifact exported with
+                 --target trt, its engines run by `runtime.trt.TrtArtifact` (KV caches
+                 stay on the GPU); elsewhere every record says "skipped: ..." (never faked)
 
 Method: each backend first runs one untimed memory pass per method, then warm-up and
 timed rounds; within a round every method makes one vision + prefill + decode pass,
@@ -169,7 +171,7 @@ def _ms_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
 class Runner:
     """One (method, backend): vision(), prefill() -> state, decode(state, step) -> state."""
 
-    weights_rss_mb: float = 0.0
+    weights_rss_mb: float | None = None  # None: shared by every record of the backend (the torch model)
     extra: dict[str, Any]
 
     def vision(self) -> None: ...
@@ -237,40 +239,36 @@ class TorchRunner(Runner):
         return logits.argmax(-1), pos + 1, cache
 
 
-class OrtRunner(Runner):
-    """An exported artifact's three graphs in ONNX Runtime (CPU here), host glue as `OrtArtifact`."""
+class ArtifactRunner(Runner):
+    """An exported artifact's three graphs through `OrtArtifact`'s host glue: ONNX Runtime
+    sessions (CPU here), or TensorRT engines via `runtime.trt.TrtArtifact` (KV kept on the GPU)."""
 
-    def __init__(self, folder: Path, inputs: Any, threads: int) -> None:
+    def __init__(self, folder: Path, inputs: Any, threads: int, backend: str = "onnxruntime") -> None:
         import numpy as np
 
         from .export import contract as C
-        from .runtime import OrtArtifact
-        from .runtime.ort import THREADS_ENV
         from .runtime.positions import next_position
 
         self.np, self.C = np, C
         before = rss_mb()
-        old = os.environ.get(THREADS_ENV)
-        os.environ[THREADS_ENV] = str(threads)
-        try:
-            self.art = art = OrtArtifact.load(folder, providers=["CPUExecutionProvider"], verify=False)
-        finally:
-            if old is None:
-                os.environ.pop(THREADS_ENV, None)
-            else:
-                os.environ[THREADS_ENV] = old
+        self.art = art = _load_artifact(folder, threads, backend)
         # The host side of OrtArtifact.prefill, done once so the timer holds the prefill graph alone.
         checked = art._check(inputs)
         positions = art._positions(checked)
-        self.pixels = {C.PIXEL_VALUES: inputs.pixel_values.detach().cpu().numpy()}
+        self.pixel_values = inputs.pixel_values
         self.feeds = {C.INPUTS_EMBEDS: art._embeds(checked, inputs.pixel_values), C.POSITION_IDS: positions,
                       C.VISUAL_START: np.array([checked.visual_start], dtype=np.int64)}
         self.next_position = next_position(positions)
         self.weights_rss_mb = rss_mb() - before
-        self.extra = {"providers": art._prefill.session.get_providers()}
+        if backend == "onnxruntime":
+            self.extra = {"providers": art._prefill.session.get_providers(),
+                          "ort_threading": f"{threads} intra-op threads per session, per-session pools "
+                                           "(runtime default)"}
+        else:
+            self.extra = {"kv_on_device": True}
 
     def vision(self) -> None:
-        self.art._vision(self.pixels)
+        self.art.run_vision(self.pixel_values)
 
     def prefill(self) -> Any:
         out = self.art._prefill(self.feeds)
@@ -284,6 +282,25 @@ class OrtRunner(Runner):
     def close(self) -> None:
         del self.art
         gc.collect()
+
+
+def _load_artifact(folder: Path, threads: int, backend: str) -> Any:
+    if backend == "tensorrt":
+        from .runtime.trt import TrtArtifact
+
+        return TrtArtifact.load(folder, verify=False, device_kv=True)
+    from .runtime import OrtArtifact
+    from .runtime.ort import THREADS_ENV
+
+    old = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = str(threads)  # read by the runtime when it creates each session
+    try:
+        return OrtArtifact.load(folder, providers=["CPUExecutionProvider"], verify=False)
+    finally:
+        if old is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = old
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -338,29 +355,40 @@ def _plans(loaded: "Loaded", cfg: BenchConfig) -> dict[str, Any]:
     return {m: make_plan(loaded.spec, m, budget=None if m == "none" else cfg.budget) for m in cfg.methods}
 
 
-def _export(loaded: "Loaded", plan: Any, inputs: Any, folder: Path) -> float:
-    """Export (or reuse) the artifact for `plan`; seconds spent exporting (0 when reused)."""
+def _export(loaded: "Loaded", plan: Any, inputs: Any, folder: Path, target: str = "onnx") -> float:
+    """Export (or reuse) the artifact for `plan`; seconds spent exporting (0 when reused).
+    target "trt" also builds TensorRT engines (where TensorRT and a GPU are present)."""
     from .export.artifact import read_manifest
     from .export.pipeline import ExportOptions, export_artifact
 
     if (folder / "manifest.json").is_file():
         try:
             manifest = read_manifest(folder, verify=False)
-            if manifest.get("model") == loaded.spec.name and manifest.get("plan") == plan.to_dict():
+            same = manifest.get("model") == loaded.spec.name and manifest.get("plan") == plan.to_dict()
+            if same and (target == "onnx" or (manifest.get("trt") or {}).get("built")):
                 return 0.0
         except UserError:
             pass
     t0 = time.perf_counter()
-    export_artifact(loaded, plan, inputs, folder, ExportOptions(check=False, quiet=True, force=True))
+    result = export_artifact(loaded, plan, inputs, folder,
+                             ExportOptions(check=False, quiet=True, force=True, target=target))
+    if target == "trt" and not result.engines_built:
+        trt = result.manifest.get("trt", {})
+        raise _Skip(f"skipped: no TensorRT engine was built ({trt.get('reason') or trt.get('error') or 'unknown'})")
     return time.perf_counter() - t0
 
 
-def _tensorrt_skip() -> str:
+class _Skip(Exception):
+    """A backend that cannot run here; the message is the records' status."""
+
+
+def _tensorrt_skip() -> str | None:
+    """None where TensorRT and a GPU are present, else the records' status."""
     from .build.trt import tensorrt_status
 
     can, why = tensorrt_status()
     if can:
-        return "skipped: TensorRT is installed but bench has no TensorRT runner yet (use export --target trt)"
+        return None
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -381,6 +409,23 @@ def _round_robin(runners: dict[str, Runner], cfg: BenchConfig, steps: Any, backe
             for m in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
                 runners[m].one_pass(samples[m], cfg.decode_tokens, timed=r >= cfg.warmup)
     return samples
+
+
+def _artifact_runners(loaded: "Loaded", plans: dict[str, Any], inputs: Any, root: Path, cfg: BenchConfig,
+                      steps: Any, backend: str) -> dict[str, Runner]:
+    """Export every method's artifact (engines too for tensorrt), then load them all."""
+    target, suffix = ("trt", "-trt") if backend == "tensorrt" else ("onnx", "")
+    folders = {m: root / f"{loaded.spec.name}-{m}{suffix}" for m in cfg.methods}
+    export_s = {}
+    for m in cfg.methods:
+        with steps.step(f"export {m} artifact ({backend})"):
+            export_s[m] = _export(loaded, plans[m], inputs, folders[m], target)
+    gc.collect()
+    runners: dict[str, Runner] = {}
+    for m in cfg.methods:
+        runners[m] = ArtifactRunner(folders[m], inputs, cfg.threads, backend)
+        runners[m].extra["export_s"] = export_s[m]
+    return runners
 
 
 def run_bench(
@@ -412,53 +457,49 @@ def run_bench(
     n = plans[cfg.methods[0]].visual_tokens
     text_tokens = int(inputs.input_ids.shape[1]) - n
     reports = {m: plan_report(loaded.spec, p, text_tokens) for m, p in plans.items()}
-    live = [b for b in cfg.backends if b != "tensorrt"]
+    skipped = {b: why for b in cfg.backends if b == "tensorrt" and (why := _tensorrt_skip())}
+    live = [b for b in BACKENDS if b in cfg.backends and b not in skipped]  # torch first: it exports nothing
     rounds = cfg.warmup + cfg.repeats
-    steps = Steps(len(live) * (rounds + 1) + ("onnxruntime" in live) * len(cfg.methods), quiet=not progress,
-                  title="bench")
+    exports = sum(b != "torch" for b in live) * len(cfg.methods)
+    steps = Steps(len(live) * (rounds + 1) + exports, quiet=not progress, title="bench")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    records: list[dict[str, Any]] = []
+    results: dict[tuple[str, str], tuple[Samples, Runner]] = {}
     tmp = None
     try:
-        results: dict[tuple[str, str], tuple[Samples, Runner]] = {}
-        if "torch" in live:
-            runners: dict[str, Runner] = {m: TorchRunner(loaded, plans[m], inputs) for m in cfg.methods}
-            for m, s in _round_robin(runners, cfg, steps, "torch").items():
-                results[(m, "torch")] = (s, runners[m])
-        if "onnxruntime" in live:
-            root = cfg.artifacts
-            if root is None:
-                tmp = tempfile.TemporaryDirectory(prefix="reroute-bench-")
-                root = Path(tmp.name)
-            export_s = {}
-            for m in cfg.methods:
-                with steps.step(f"export {m} artifact (onnxruntime)"):
-                    export_s[m] = _export(loaded, plans[m], inputs, root / f"{loaded.spec.name}-{m}")
-            gc.collect()
-            runners = {m: OrtRunner(root / f"{loaded.spec.name}-{m}", inputs, cfg.threads) for m in cfg.methods}
-            for m in runners:
-                runners[m].extra["export_s"] = export_s[m]
+        for backend in live:
             try:
-                for m, s in _round_robin(runners, cfg, steps, "onnxruntime").items():
-                    results[(m, "onnxruntime")] = (s, runners[m])
+                if backend == "torch":
+                    runners: dict[str, Runner] = {m: TorchRunner(loaded, plans[m], inputs) for m in cfg.methods}
+                else:
+                    if tmp is None and cfg.artifacts is None:
+                        tmp = tempfile.TemporaryDirectory(prefix="reroute-bench-")
+                    root = cfg.artifacts or Path(tmp.name)
+                    runners = _artifact_runners(loaded, plans, inputs, root, cfg, steps, backend)
+            except _Skip as e:
+                skipped[backend] = str(e)
+                continue
+            try:
+                for m, s in _round_robin(runners, cfg, steps, backend).items():
+                    results[(m, backend)] = (s, runners[m])
             finally:
                 for r in runners.values():
                     r.close()
-        for backend in cfg.backends:
-            for m in cfg.methods:
-                base = _record_base(cfg, loaded, plans[m], reports[m], m, backend, inputs)
-                if backend == "tensorrt":
-                    records.append({**base, "status": _tensorrt_skip()})
-                    continue
-                s, runner = results[(m, backend)]
-                records.append({**base, "status": "ok", **s.figures(), "weights_rss_mb": runner.weights_rss_mb,
-                                **runner.extra})
     finally:
         steps.close()
         torch.set_num_threads(threads_before)
         if tmp is not None:
             tmp.cleanup()
+    records: list[dict[str, Any]] = []
+    for backend in cfg.backends:
+        for m in cfg.methods:
+            base = _record_base(cfg, loaded, plans[m], reports[m], m, backend, inputs)
+            if backend in skipped:
+                records.append({**base, "status": skipped[backend]})
+                continue
+            s, runner = results[(m, backend)]
+            records.append({**base, "status": "ok", **s.figures(), "weights_rss_mb": runner.weights_rss_mb,
+                            **runner.extra})
     _add_measured_speedup(records)
     return records
 
@@ -514,7 +555,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             speed = none["prefill_ms_p50"] / rr["prefill_ms_p50"]
             frac = speed / rr["theoretical_speedup"]
             entry.update(reroute_speedup_vs_none=speed, theoretical_speedup=rr["theoretical_speedup"],
-                         fraction_of_theoretical=frac, fraction_of_theoretical_met=frac >= TARGETS["fraction_of_theoretical"])
+                         fraction_of_theoretical=frac,
+                         fraction_of_theoretical_met=frac >= TARGETS["fraction_of_theoretical"])
         if pdrop is not None:
             ratio = rr["prefill_ms_p50"] / pdrop["prefill_ms_p50"]
             entry.update(reroute_over_pdrop=ratio, reroute_over_pdrop_met=ratio <= TARGETS["reroute_over_pdrop"])

@@ -524,10 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     # Commands that live beside their stage (each module registers its own subparser).
+    from .bench import register_cli as register_bench
     from .calibrate import register_cli as register_calibrate
     from .inspect_artifact import register_cli as register_inspect
 
     register_calibrate(sub)
+    register_bench(sub)
     register_inspect(sub)
     return parser
 

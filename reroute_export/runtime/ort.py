@@ -48,15 +48,31 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _session_options() -> ort.SessionOptions:
+def _threads() -> int:
+    threads = os.environ.get(THREADS_ENV)
+    if not threads:
+        return 0  # ORT's default: one per core
+    try:
+        return int(threads)
+    except ValueError:
+        raise UserError(f"{THREADS_ENV} must be an integer, got {threads!r}") from None
+
+
+def _session_options(spin: bool = True) -> ort.SessionOptions:
+    """Per-session options; `spin=False` for graphs that run once per request.
+
+    Each session has its own intra-op pool whose workers spin after a run. The vision
+    session's spinning workers then compete with the prefill that runs right after it
+    (and prefill's with decode): on 2 cores that cost prefill 5-15 % and doubled the
+    vision graph's time (BENCHMARKS.md). Decode runs back to back, so it keeps spinning.
+    (A process-wide pool would be faster still, but it forces every ORT session in the
+    process, the user's own included, to use it: not a library's call to make.)
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: provider-placement notes are not the user's concern
-    threads = os.environ.get(THREADS_ENV)
-    if threads:
-        try:
-            opts.intra_op_num_threads = int(threads)
-        except ValueError:
-            raise UserError(f"{THREADS_ENV} must be an integer, got {threads!r}") from None
+    opts.intra_op_num_threads = _threads()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -69,10 +85,10 @@ class Graph:
     """One ORT session fed by name, each input cast to the element type the graph declares
     (fp32 or fp16 graphs take the same host arrays)."""
 
-    def __init__(self, path: Path, providers: list[str]) -> None:
+    def __init__(self, path: Path, providers: list[str], spin: bool = True) -> None:
         self.name = path.name
         try:
-            self.session = ort.InferenceSession(str(path), _session_options(), providers=providers)
+            self.session = ort.InferenceSession(str(path), _session_options(spin), providers=providers)
         except Exception as e:  # noqa: BLE001  (ORT raises its own exception zoo)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load {path}: {first}") from None
@@ -133,7 +149,8 @@ class OrtArtifact:
             raise UserError(f"artifact {folder}: manifest lacks {', '.join(lacking)}; re-export it")
         names = {"vision": C.VISION, "prefill": C.PREFILL, "decode": C.DECODE, **manifest.get("graphs", {})}
         providers = providers or default_providers()
-        graphs = {role: Graph(folder / names[role], providers) for role in ("vision", "prefill", "decode")}
+        graphs = {role: Graph(folder / names[role], providers, spin=role == "decode")
+                  for role in ("vision", "prefill", "decode")}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
         pre = Preprocessor.from_pretrained(folder / C.PREPROCESSOR, manifest["family"])
         return cls(folder, manifest, graphs, embed, pre)
