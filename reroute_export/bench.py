@@ -253,12 +253,9 @@ class ArtifactRunner(Runner):
         before = rss_mb()
         self.art = art = _load_artifact(folder, threads, backend)
         # The host side of OrtArtifact.prefill, done once so the timer holds the prefill graph alone.
-        checked = art._check(inputs)
-        positions = art._positions(checked)
         self.pixel_values = inputs.pixel_values
-        self.feeds = {C.INPUTS_EMBEDS: art._embeds(checked, inputs.pixel_values), C.POSITION_IDS: positions,
-                      C.VISUAL_START: np.array([checked.visual_start], dtype=np.int64)}
-        self.next_position = next_position(positions)
+        self.feeds = art.prefill_feeds(inputs)
+        self.next_position = next_position(self.feeds[C.POSITION_IDS])
         self.weights_rss_mb = rss_mb() - before
         if backend == "onnxruntime":
             self.extra = {"providers": art._prefill.session.get_providers(),
@@ -271,8 +268,8 @@ class ArtifactRunner(Runner):
         self.art.run_vision(self.pixel_values)
 
     def prefill(self) -> Any:
-        out = self.art._prefill(self.feeds)
-        return int(self.np.argmax(out[self.C.LOGITS])), self.art._kv(out)
+        out = self.art.run_prefill(self.feeds)
+        return int(self.np.argmax(out["logits"])), out["kv"]
 
     def decode(self, state: Any, step: int) -> Any:
         token, kv = state

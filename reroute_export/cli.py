@@ -142,20 +142,27 @@ def print_plan(r: dict[str, Any], budget: float | None) -> None:
           f"(none: {r['kv_cache_bytes_fp16_none'] / mib:.1f} MiB)")
 
 
-def load_inputs(loaded: Any, args: argparse.Namespace) -> Any:
+def read_inputs(args: argparse.Namespace, prepare: Callable[[Any, str], Any]) -> Any:
+    """--input-ids/--pixel-values[/--image-grid-thw] as given, or --image/--prompt through
+    `prepare(image, prompt)` (a model's or an artifact's preprocessor)."""
     from .preprocess import load_image
-    from .trace import arrays_to_inputs, check_inputs
+    from .trace import arrays_to_inputs
 
     if args.input_ids or args.pixel_values:
         if args.image or args.prompt:
             raise UserError("give --image/--prompt or --input-ids/--pixel-values, not both")
         if not (args.input_ids and args.pixel_values):
             raise UserError("--input-ids and --pixel-values go together")
-        inputs = arrays_to_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)
-    elif args.image and args.prompt is not None:
-        inputs = loaded.preprocessor([load_image(args.image)], [args.prompt])
-    else:
-        raise UserError("give --image FILE --prompt TEXT, or --input-ids ids.npy --pixel-values pv.npy")
+        return arrays_to_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)
+    if args.image and args.prompt is not None:
+        return prepare(load_image(args.image), args.prompt)
+    raise UserError("give --image FILE --prompt TEXT, or --input-ids ids.npy --pixel-values pv.npy")
+
+
+def load_inputs(loaded: Any, args: argparse.Namespace) -> Any:
+    from .trace import check_inputs
+
+    inputs = read_inputs(args, lambda image, prompt: loaded.preprocessor([image], [prompt]))
     check_inputs(loaded, inputs)
     return inputs
 
@@ -259,18 +266,7 @@ def load_artifact(args: argparse.Namespace) -> Any:
 
 def artifact_inputs(art: Any, args: argparse.Namespace) -> Any:
     """--image/--prompt through the artifact's own preprocessor, or processor outputs as .npy."""
-    from .preprocess import load_image
-    from .trace import arrays_to_inputs
-
-    if args.input_ids or args.pixel_values:
-        if args.image or args.prompt:
-            raise UserError("give --image/--prompt or --input-ids/--pixel-values, not both")
-        if not (args.input_ids and args.pixel_values):
-            raise UserError("--input-ids and --pixel-values go together")
-        return arrays_to_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)
-    if args.image and args.prompt is not None:
-        return art.prepare(load_image(args.image), args.prompt)
-    raise UserError("give --image FILE --prompt TEXT, or --input-ids ids.npy --pixel-values pv.npy")
+    return read_inputs(args, art.prepare)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

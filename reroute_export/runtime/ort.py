@@ -231,21 +231,29 @@ class OrtArtifact:
         out = self._vision({C.PIXEL_VALUES: _numpy(pixel_values)})
         return out[C.IMAGE_FEATURES].reshape(-1, self.embed_tokens.shape[1]).astype(np.float32)
 
-    def prefill(self, inputs: VLInputs) -> dict[str, Any]:
-        """Vision + routed prefill: last logits (V,), per-layer KV, decisions, next position."""
+    def prefill_feeds(self, inputs: VLInputs) -> dict[str, np.ndarray]:
+        """The host side of prefill: checked inputs -> the prefill graph's feeds (vision runs here)."""
         c = self._check(inputs)
-        positions = self._positions(c)  # (1, L) or (3, 1, L)
-        out = self._prefill({
+        return {
             C.INPUTS_EMBEDS: self._embeds(c, inputs.pixel_values),
-            C.POSITION_IDS: positions,
+            C.POSITION_IDS: self._positions(c),  # (1, L) or (3, 1, L)
             C.VISUAL_START: np.array([c.visual_start], dtype=np.int64),  # (1,)
-        })
+        }
+
+    def run_prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The routed prefill graph on prepared feeds: last logits (V,), per-layer KV,
+        decisions, next position."""
+        out = self._prefill(feeds)
         return {
             "logits": out[C.LOGITS].reshape(-1).astype(np.float32),  # (V,)
             "kv": self._kv(out),
             "decisions": [out[C.selected(s)].reshape(-1).astype(np.int64) for s in range(len(self.plan.stages))],
-            "next_position": next_position(positions),
+            "next_position": next_position(feeds[C.POSITION_IDS]),
         }
+
+    def prefill(self, inputs: VLInputs) -> dict[str, Any]:
+        """Vision + routed prefill: last logits (V,), per-layer KV, decisions, next position."""
+        return self.run_prefill(self.prefill_feeds(inputs))
 
     def _kv(self, out: dict[str, np.ndarray]) -> KV:
         return [(out[C.present(i, "key")], out[C.present(i, "value")]) for i in range(self.plan.num_layers)]
