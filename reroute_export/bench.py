@@ -53,7 +53,9 @@ from .plan import METHODS
 if TYPE_CHECKING:
     from .registry import Loaded
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "torch-static", "onnxruntime", "tensorrt")
+TORCH_BACKENDS = ("torch", "torch-static")  # run on --device in --dtype; the others export fp32 from the CPU model
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_METHODS = ("none", "fastv", "pdrop", "reroute")
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
 # Words appended to the sample prompt until the prompt has the spec's text-token count
@@ -173,8 +175,19 @@ class Runner:
 
     weights_rss_mb: float | None = None  # None: shared by every record of the backend (the torch model)
     extra: dict[str, Any]
+    cuda: bool = False  # torch on a GPU: synchronise before reading a clock; memory from torch.cuda
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
 
     def vision(self) -> None: ...
+
+    def token(self, state: Any) -> int:
+        """The greedy token a prefill/decode state holds (the memory pass records them)."""
+        raise NotImplementedError
 
     def prefill(self) -> Any: ...
 
@@ -184,12 +197,17 @@ class Runner:
 
     def one_pass(self, samples: Samples, decode_tokens: int, timed: bool = True) -> None:
         """Vision, prefill and `decode_tokens` greedy decode steps; times kept if `timed`."""
-        v_ms, _ = _ms(self.vision)
-        p_ms, p_cpu, state = _ms_cpu(self.prefill)
-        d_ms = []
+        self.sync()
+        v_ms, _ = _ms(lambda: (self.vision(), self.sync()))
+        p_ms, p_cpu, (state, _) = _ms_cpu(lambda: (self.prefill(), self.sync()))
+        d_ms, tokens = [], [self.token(state)] if not timed else []
         for step in range(decode_tokens):
-            ms, state = _ms(lambda: self.decode(state, step))
+            ms, (state, _) = _ms(lambda: (self.decode(state, step), self.sync()))
             d_ms.append(ms)
+            if not timed:
+                tokens.append(self.token(state))
+        if not timed:
+            self.tokens = tokens
         if timed:
             samples.vision_ms.append(v_ms)
             samples.prefill_ms.append(p_ms)
@@ -199,6 +217,15 @@ class Runner:
     def memory_pass(self, samples: Samples, decode_tokens: int) -> None:
         """One untimed pass whose peak RSS growth is this runner's working memory."""
         gc.collect()
+        if self.cuda:  # device memory: torch's allocator peak over what was allocated before
+            import torch
+
+            self.sync()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            self.one_pass(samples, decode_tokens, timed=False)
+            samples.peak_mb.append((torch.cuda.max_memory_allocated() - start) / 2**20)
+            return
         _malloc_trim()  # hand freed heap back, or an earlier pass's pages hide this one's growth
         with peak_rss() as peak:
             self.one_pass(samples, decode_tokens, timed=False)
@@ -223,11 +250,15 @@ class TorchRunner(Runner):
                 return embeds
 
         self.routed = RoutedModel(loaded.model, _Embedded, plan)
+        self.cuda = inputs.input_ids.device.type == "cuda"
         self.extra = {}
 
     def vision(self) -> None:
         with self.torch.no_grad():
             self.loaded.family.image_features(self.loaded.model, self.inputs)
+
+    def token(self, state: Any) -> int:
+        return int(state[0][0])
 
     def prefill(self) -> Any:
         pre = self.routed.prefill(self.inputs)
@@ -237,6 +268,116 @@ class TorchRunner(Runner):
         token, pos, cache = state
         logits = self.routed.decode_step(token, pos, cache)
         return logits.argmax(-1), pos + 1, cache
+
+
+class StaticRunner(Runner):
+    """The static-shape rewrite (`rewrite.decoder.StaticPrefill` / `StaticDecode`: the modules
+    the ONNX graphs are exported from) run by torch.
+
+    On a GPU, prefill and every decode step are captured once as CUDA graphs and replayed:
+    every shape is fixed by the plan, so the whole greedy chain (prefill -> argmax ->
+    embedding -> decode step -> ...) replays with no host synchronisation, which the eager
+    reference's data-dependent shapes (nonzero, per-sample index sets) rule out. Each
+    runner's graphs share one private memory pool (replayed in capture order). On the CPU
+    the same modules run eagerly.
+    """
+
+    def __init__(self, loaded: "Loaded", plan: Any, inputs: Any, decode_tokens: int) -> None:
+        import torch
+
+        from .rewrite.decoder import static_decode, static_prefill
+
+        self.torch, self.loaded, self.inputs = torch, loaded, inputs
+        model, fam = loaded.model, loaded.family
+        device = inputs.input_ids.device
+        with torch.no_grad():
+            self.embeds = fam.embed(model, inputs)  # built once, outside the timer (as TorchRunner)
+            self.positions = fam.positions(model, inputs)
+        vis = (inputs.input_ids[0] == fam.image_token_id(model)).nonzero()
+        self.visual_start = vis[:1, 0].clone()  # (1,) the contiguous visual block's first position
+        self.layers = plan.num_layers
+        first = int(self.positions.max()) + 1
+        shape = (3, 1, 1) if fam.position_dims == 3 else (1, 1)
+        self.step_positions = [torch.full(shape, first + i, dtype=torch.long, device=device)
+                               for i in range(decode_tokens)]
+        self.embed_tokens = fam.decoder(model).embed_tokens
+        self.prefill_module = static_prefill(model, fam, plan)
+        self.decode_module = static_decode(model, fam, plan)
+        self.cuda = device.type == "cuda"
+        self.graphs: list[Any] = []
+        self.extra = {"cuda_graphs": False}
+        if self.cuda:
+            try:
+                self._capture(decode_tokens)
+            except RuntimeError as e:  # say so in the record and measure the modules eagerly
+                self.graphs, self.outputs = [], []
+                self.extra = {"cuda_graphs": False, "capture_error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+    def _prefill_eager(self) -> Any:
+        out = self.prefill_module(self.embeds, self.positions, self.visual_start)
+        return out[0], out[1:1 + 2 * self.layers]
+
+    def _decode_eager(self, state: Any, step: int) -> Any:
+        logits, kv = state
+        x = self.embed_tokens(logits.argmax(-1).view(-1, 1))  # greedy, on the device
+        out = self.decode_module(x, self.step_positions[step], *kv)
+        return out[0], out[1:]
+
+    def _capture(self, decode_tokens: int) -> None:
+        torch = self.torch
+        before = torch.cuda.memory_allocated()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside capture: cuBLAS handles, workspaces, lazy inits
+                state = self._prefill_eager()
+                for i in range(decode_tokens):
+                    state = self._decode_eager(state, i)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                state = self._prefill_eager()
+            self.graphs.append(g)
+            self.outputs = [state]
+            for i in range(decode_tokens):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    state = self._decode_eager(state, i)
+                self.graphs.append(g)
+                self.outputs.append(state)  # kept alive: the next step's inputs live here
+        torch.cuda.synchronize()
+        self.extra = {"cuda_graphs": True, "graphs": len(self.graphs),
+                      "capture_s": round(time.perf_counter() - t0, 3),
+                      "graph_pool_mb": round((torch.cuda.memory_allocated() - before) / 2**20, 1)}
+
+    def vision(self) -> None:
+        with self.torch.no_grad():
+            self.loaded.family.image_features(self.loaded.model, self.inputs)
+
+    def token(self, state: Any) -> int:
+        return int(state[0].argmax(-1)[0])
+
+    def prefill(self) -> Any:
+        if self.graphs:
+            self.graphs[0].replay()
+            return self.outputs[0]
+        with self.torch.no_grad():
+            return self._prefill_eager()
+
+    def decode(self, state: Any, step: int) -> Any:
+        if self.graphs:
+            self.graphs[1 + step].replay()
+            return self.outputs[1 + step]
+        with self.torch.no_grad():
+            return self._decode_eager(state, step)
+
+    def close(self) -> None:
+        self.graphs.clear()
+        self.outputs = []
 
 
 class ArtifactRunner(Runner):
@@ -266,6 +407,9 @@ class ArtifactRunner(Runner):
 
     def vision(self) -> None:
         self.art.run_vision(self.pixel_values)
+
+    def token(self, state: Any) -> int:
+        return int(state[0])
 
     def prefill(self) -> Any:
         out = self.art.run_prefill(self.feeds)
@@ -314,6 +458,13 @@ class BenchConfig:
     threads: int = 2
     decode_tokens: int = 8
     artifacts: Path | None = None  # keep (and reuse) exported artifacts here; default: a temp dir
+    device: str = "cpu"  # where the torch backends run ("cuda", "cuda:1", ...)
+    dtype: str | None = None  # torch backends' weights: fp32 on the CPU, fp16 on a GPU by default
+    random_weights: bool = False  # a real architecture (llava-1.5-7b) with seeded random weights
+
+    @property
+    def torch_dtype(self) -> str:
+        return self.dtype or ("fp32" if self.device == "cpu" else "fp16")
 
 
 def _check_config(cfg: BenchConfig) -> None:
@@ -325,6 +476,14 @@ def _check_config(cfg: BenchConfig) -> None:
         raise UserError(f"unknown backend(s) {', '.join(bad) or '(none given)'}; known: {', '.join(BACKENDS)}")
     if len(set(cfg.methods)) != len(cfg.methods) or len(set(cfg.backends)) != len(cfg.backends):
         raise UserError("--methods and --backends take each name once")
+    if cfg.torch_dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {cfg.torch_dtype}; known: {', '.join(DTYPES)}")
+    if cfg.device != "cpu":
+        import torch
+
+        if not cfg.device.startswith("cuda") or not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA device here (torch {torch.__version__}, "
+                            f"cuda available: {torch.cuda.is_available()}); use --device cpu")
     for name, value, low in (("--repeats", cfg.repeats, 1), ("--warmup", cfg.warmup, 0),
                              ("--threads", cfg.threads, 1), ("--decode-tokens", cfg.decode_tokens, 1)):
         if value < low:
@@ -437,10 +596,14 @@ def run_bench(
     *,
     decode_tokens: int = 8,
     artifacts: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    random_weights: bool = False,
 ) -> list[dict[str, Any]]:
     """One record per (method, backend); see the module docstring for what is measured."""
     cfg = BenchConfig(model_name, float(budget), tuple(methods), tuple(backends), int(repeats), int(warmup),
-                      int(threads), int(decode_tokens), Path(artifacts) if artifacts else None)
+                      int(threads), int(decode_tokens), Path(artifacts) if artifacts else None, device, dtype,
+                      random_weights)
     _check_config(cfg)
     import torch
 
@@ -448,16 +611,23 @@ def run_bench(
     from .progress import Steps
     from .registry import load
 
-    loaded = load(cfg.model)
+    torch_dtype = getattr(torch, DTYPES[cfg.torch_dtype])
+    loaded = load(cfg.model, torch_dtype, cfg.device, random_weights=cfg.random_weights)
     plans = _plans(loaded, cfg)  # bad budgets fail here, before any timing
     inputs = bench_inputs(loaded)
     n = plans[cfg.methods[0]].visual_tokens
     text_tokens = int(inputs.input_ids.shape[1]) - n
     reports = {m: plan_report(loaded.spec, p, text_tokens) for m, p in plans.items()}
     skipped = {b: why for b in cfg.backends if b == "tensorrt" and (why := _tensorrt_skip())}
+    if cfg.device != "cpu" or cfg.torch_dtype != "fp32" or cfg.random_weights:
+        for b in cfg.backends:  # the artifact backends export from an fp32 CPU model: not this one
+            if b not in TORCH_BACKENDS:
+                skipped[b] = (f"skipped: {b} exports the fp32 CPU model; this run holds the torch backends' "
+                              f"{cfg.torch_dtype} model on {cfg.device}" + (" with random weights" if cfg.random_weights
+                                                                            else "") + " (run it separately)")
     live = [b for b in BACKENDS if b in cfg.backends and b not in skipped]  # torch first: it exports nothing
     rounds = cfg.warmup + cfg.repeats
-    exports = sum(b != "torch" for b in live) * len(cfg.methods)
+    exports = sum(b not in TORCH_BACKENDS for b in live) * len(cfg.methods) + ("torch-static" in live)
     steps = Steps(len(live) * (rounds + 1) + exports, quiet=not progress, title="bench")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -467,7 +637,13 @@ def run_bench(
         for backend in live:
             try:
                 if backend == "torch":
-                    runners: dict[str, Runner] = {m: TorchRunner(loaded, plans[m], inputs) for m in cfg.methods}
+                    runners: dict[str, Runner] = {m: TorchRunner(loaded, plans[m], inputs.to(cfg.device))
+                                                  for m in cfg.methods}
+                elif backend == "torch-static":
+                    with steps.step("torch-static: build" + (" and capture CUDA graphs" if cfg.device != "cpu"
+                                                             else "")):
+                        runners = {m: StaticRunner(loaded, plans[m], inputs.to(cfg.device), cfg.decode_tokens)
+                                   for m in cfg.methods}
                 else:
                     if tmp is None and cfg.artifacts is None:
                         tmp = tempfile.TemporaryDirectory(prefix="reroute-bench-")
@@ -496,7 +672,7 @@ def run_bench(
                 continue
             s, runner = results[(m, backend)]
             records.append({**base, "status": "ok", **s.figures(), "weights_rss_mb": runner.weights_rss_mb,
-                            **runner.extra})
+                            "greedy_tokens": getattr(runner, "tokens", None), **runner.extra})
     _add_measured_speedup(records)
     return records
 
@@ -505,6 +681,9 @@ def _record_base(cfg: BenchConfig, loaded: "Loaded", plan: Any, rep: dict[str, A
                  inputs: Any) -> dict[str, Any]:
     return {
         "model": loaded.spec.name, "method": method, "backend": backend,
+        "device": cfg.device if backend in TORCH_BACKENDS else ("cuda" if backend == "tensorrt" else "cpu"),
+        "dtype": cfg.torch_dtype if backend in TORCH_BACKENDS else "fp32",
+        "random_weights": loaded.random_weights,
         "budget": None if method == "none" else cfg.budget,
         "stages": [{"layer": s.layer, "keep": s.keep} for s in plan.stages],
         "avg_visual_tokens": plan.avg_visual_tokens,
@@ -517,8 +696,11 @@ def _record_base(cfg: BenchConfig, loaded: "Loaded", plan: Any, rep: dict[str, A
         "prefill_tflops_with_vision": rep["prefill_tflops"] + rep["vision_tflops"],
         "kv_cache_bytes_fp16": rep["kv_cache_bytes_fp16"], "kv_cache_bytes_fp16_none": rep["kv_cache_bytes_fp16_none"],
         "kv_cache_entries": rep["kv_cache_entries"],
-        "peak_mem_kind": "peak RSS growth during one untimed vision+prefill+decode pass, after malloc_trim "
-                         "(VmHWM reset via /proc/self/clear_refs); weights excluded (weights_rss_mb)",
+        "peak_mem_kind": ("peak torch.cuda allocation growth during one untimed vision+prefill+decode pass "
+                          "(CUDA-graph pools are allocated at capture: graph_pool_mb)"
+                          if backend in TORCH_BACKENDS and cfg.device != "cpu" else
+                          "peak RSS growth during one untimed vision+prefill+decode pass, after malloc_trim "
+                          "(VmHWM reset via /proc/self/clear_refs); weights excluded (weights_rss_mb)"),
     }
 
 
@@ -558,11 +740,32 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             ratio = rr["prefill_ms_p50"] / pdrop["prefill_ms_p50"]
             entry.update(reroute_over_pdrop=ratio, reroute_over_pdrop_met=ratio <= TARGETS["reroute_over_pdrop"])
         out["per_backend"][backend] = entry
-    t, o = _find(records, "reroute", "torch"), _find(records, "reroute", "onnxruntime")
+    out["greedy_tokens_agree"] = _tokens_agree(records)
+    t, st = _find(records, "reroute", "torch"), _find(records, "reroute", "torch-static")
+    if t is not None and st is not None:
+        out["static_over_eager"] = t["prefill_ms_p50"] / st["prefill_ms_p50"]
+        out["static_over_eager_decode"] = t["decode_ms_per_token"] / st["decode_ms_per_token"]
+    o = _find(records, "reroute", "onnxruntime")
     if t is not None and o is not None:
         ratio = t["prefill_ms_p50"] / o["prefill_ms_p50"]
         out["onnxruntime_over_torch"] = ratio
         out["onnxruntime_over_torch_met"] = ratio >= TARGETS["onnxruntime_over_torch"]
+    return out
+
+
+def _tokens_agree(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per method and backend: the fraction of the memory pass's greedy tokens equal to the
+    first backend's (the eager torch reference when it ran), up to the first difference."""
+    out: dict[str, dict[str, float]] = {}
+    for m in dict.fromkeys(r["method"] for r in records):
+        runs = [r for r in records if r["method"] == m and r.get("status") == "ok" and r.get("greedy_tokens")]
+        if len(runs) < 2:
+            continue
+        ref = runs[0]["greedy_tokens"]
+        for r in runs[1:]:
+            got = r["greedy_tokens"]
+            same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+            out.setdefault(m, {})[f"{r['backend']}_vs_{runs[0]['backend']}"] = same / max(1, len(ref))
     return out
 
 
@@ -625,6 +828,12 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         if "reroute_over_pdrop" in e:
             lines.append(f"{backend}: reroute prefill / pdrop prefill = {e['reroute_over_pdrop']:.3f} "
                          f"(target <= {t['reroute_over_pdrop']}: {_met(e['reroute_over_pdrop_met'])})")
+    for m, agree in summary.get("greedy_tokens_agree", {}).items():
+        lines.append(f"{m}: greedy tokens equal up to the first difference: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in agree.items()))
+    if "static_over_eager" in summary:
+        lines.append(f"reroute, torch eager / torch-static: prefill {summary['static_over_eager']:.2f}x, "
+                     f"decode {summary['static_over_eager_decode']:.2f}x")
     if "onnxruntime_over_torch" in summary:
         lines.append(f"reroute prefill, torch eager / onnxruntime = {summary['onnxruntime_over_torch']:.2f}x "
                      f"(target >= {t['onnxruntime_over_torch']}: {_met(summary['onnxruntime_over_torch_met'])})")
@@ -643,7 +852,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"## {b['model']}, budget {b['budget']:g}",
         "",
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
-        f"torch {m['torch']}, onnxruntime {m['onnxruntime']}. Threads {b['threads']}, warm-up {b['warmup']}, "
+        f"torch {m['torch']}, onnxruntime {m['onnxruntime']}. Torch backends on {b.get('device', 'cpu')} in "
+        f"{b.get('dtype', 'fp32')}{' (random weights)' if b.get('random_weights') else ''}. "
+        f"Threads {b['threads']}, warm-up {b['warmup']}, "
         f"repeats {b['repeats']}, {b['decode_tokens']} decode tokens per pass. Load average (1, 5, 15 min) "
         f"before {m.get('load_average_before')}, after {m.get('load_average_after')}.",
         "",
@@ -675,7 +886,13 @@ def register_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS),
                    help="comma-separated: none,fastv,pdrop,reroute (default: all four)")
     p.add_argument("--backends", type=_names, default=list(DEFAULT_BACKENDS),
-                   help="comma-separated: torch,onnxruntime[,tensorrt] (default: torch,onnxruntime)")
+                   help="comma-separated: torch,torch-static,onnxruntime,tensorrt (default: torch,onnxruntime); "
+                        "torch-static runs the export's static-shape modules, as CUDA graphs on a GPU")
+    p.add_argument("--device", default="cpu", help="where the torch backends run: cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", choices=list(DTYPES), help="torch backends' weights (default fp32 on cpu, fp16 on cuda)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="a registered real architecture (e.g. llava-1.5-7b) at full size with seeded random "
+                        "weights, built in --dtype on --device; no checkpoint needed")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ONNX Runtime (default 2)")
@@ -700,11 +917,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     load_before = _load_average()  # a busy shared machine skews every figure: record it
     records = run_bench(args.model, args.budget, args.methods, args.backends, args.repeats, args.warmup,
                         args.threads, progress=not args.quiet and args.json != "-",
-                        decode_tokens=args.decode_tokens, artifacts=args.artifacts)
+                        decode_tokens=args.decode_tokens, artifacts=args.artifacts, device=args.device,
+                        dtype=args.dtype, random_weights=args.random_weights)
     payload = {
         "bench": {"model": args.model, "budget": args.budget, "methods": list(args.methods),
                   "backends": list(args.backends), "repeats": args.repeats, "warmup": args.warmup,
-                  "threads": args.threads, "decode_tokens": args.decode_tokens},
+                  "threads": args.threads, "decode_tokens": args.decode_tokens, "device": args.device,
+                  "dtype": args.dtype or ("fp32" if args.device == "cpu" else "fp16"),
+                  "random_weights": args.random_weights},
         "machine": {**machine(), "load_average_before": load_before, "load_average_after": _load_average()},
         "records": records, "summary": summarize(records),
     }

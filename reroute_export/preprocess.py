@@ -64,6 +64,11 @@ class VLInputs:
     # positions (without it transformers 5.24 silently falls back to 1-D positions).
     mm_token_type_ids: torch.LongTensor | None = None
 
+    def to(self, device: str | torch.device) -> "VLInputs":
+        """The same inputs with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return VLInputs(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """The non-None fields as keyword arguments for `model(**...)` / `model.generate(**...)`."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

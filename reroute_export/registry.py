@@ -65,6 +65,7 @@ class Loaded:
     model: "nn.Module"
     preprocessor: "Preprocessor"
     source: str | None = None  # what loads it again: a registered name or an absolute folder path
+    random_weights: bool = False  # a real architecture with seeded random weights (--random-weights)
 
 
 # ---------------------------------------------------------------- checkpoint folders
@@ -147,19 +148,39 @@ def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
         return None
 
 
-def load(model: str, dtype: "torch.dtype | None" = None) -> Loaded:
-    """Spec, family, HF model (eval mode) and preprocessor for `model`."""
+def load(model: str, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu",
+         random_weights: bool = False) -> Loaded:
+    """Spec, family, HF model (eval mode) and preprocessor for `model`.
+
+    random_weights: a registered real architecture (llava-1.5-7b, ...) at full size with
+    seeded random weights and the offline tokenizer, built in `dtype` on `device`; device
+    "meta" builds no parameter at all (the streaming export draws them one at a time).
+    """
     import torch
 
     dtype = dtype or torch.float32
     folder = Path(model)
+    if random_weights:
+        if folder.is_dir():
+            raise UserError("--random-weights takes a registered model name (e.g. llava-1.5-7b), not a folder")
+        spec = resolve_spec(model)
+        from . import tiny
+
+        net, pre = tiny.build_random(spec, dtype, device)
+        return Loaded(spec, get_family(spec.family), net, pre, source=model, random_weights=True)
     if not folder.is_dir():
         spec = resolve_spec(model)
         family = get_family(spec.family)
         if spec.checkpoint is None:
-            return replace(_load_tiny(spec, family, dtype), source=model)
-        return replace(_load_folder(_hub_folder(spec), dtype, name=model), source=model)
-    return replace(_load_folder(folder, dtype), source=str(folder.resolve()))
+            return _on(replace(_load_tiny(spec, family, dtype), source=model), device)
+        return _on(replace(_load_folder(_hub_folder(spec), dtype, name=model), source=model), device)
+    return _on(replace(_load_folder(folder, dtype), source=str(folder.resolve())), device)
+
+
+def _on(loaded: Loaded, device: "str | torch.device") -> Loaded:
+    if str(device) != "cpu":
+        loaded.model.to(device)
+    return loaded
 
 
 def _load_tiny(spec: GraphSpec, family: type["Family"], dtype: "torch.dtype") -> Loaded:

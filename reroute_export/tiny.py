@@ -23,9 +23,10 @@ sizes are the defaults.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -101,6 +102,7 @@ class Sizes:
     vision_hidden: int = 32
     vision_heads: int = 2
     vision_intermediate: int = 64
+    vocab_size: int | None = None  # None: the tokenizer's length; a real spec's vocab for --random-weights
 
     @property
     def head_dim(self) -> int:
@@ -216,7 +218,7 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llava(
-    seed: int = 0, attn_implementation: str = "sdpa", sizes: Sizes = TINY_LLAVA
+    seed: int = 0, attn_implementation: str = "sdpa", sizes: Sizes = TINY_LLAVA, where: "Where | None" = None
 ) -> tuple[LlavaForConditionalGeneration, Preprocessor]:
     """Tiny LLaVA-1.5 (CLIP + projector + Llama), 64 visual tokens, seeded random weights;
     other `sizes` give the same model at another scale (e.g. bench-llava)."""
@@ -233,7 +235,7 @@ def tiny_llava(
         projection_dim=32,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=sizes.vocab_size or len(tokenizer),
         hidden_size=sizes.text_hidden,
         intermediate_size=sizes.text_intermediate,
         num_hidden_layers=sizes.text_layers,
@@ -255,7 +257,7 @@ def tiny_llava(
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
-    model = _build(LlavaForConditionalGeneration, config, seed, attn_implementation, sizes.weight_std)
+    model = _build(LlavaForConditionalGeneration, config, seed, attn_implementation, sizes.weight_std, where)
     _set_generation_ids(model, bos=ids["<s>"], eos=ids["</s>"], pad=ids["<pad>"])
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": side},
@@ -267,7 +269,7 @@ def tiny_llava(
 
 
 def tiny_qwen2_5_vl(
-    seed: int = 0, attn_implementation: str = "sdpa", sizes: Sizes = TINY_QWEN
+    seed: int = 0, attn_implementation: str = "sdpa", sizes: Sizes = TINY_QWEN, where: "Where | None" = None
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, Preprocessor]:
     """Tiny Qwen2.5-VL (windowed ViT + 2x2 merger + mRoPE decoder), fixed 224x224 grid;
     other `sizes` give the same model at another scale (e.g. bench-qwen2.5-vl, 672x672)."""
@@ -287,7 +289,7 @@ def tiny_qwen2_5_vl(
         out_hidden_size=sizes.text_hidden,
     )
     text = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=sizes.vocab_size or len(tokenizer),
         hidden_size=sizes.text_hidden,
         intermediate_size=sizes.text_intermediate,
         num_hidden_layers=sizes.text_layers,
@@ -309,7 +311,7 @@ def tiny_qwen2_5_vl(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    model = _build(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation, sizes.weight_std)
+    model = _build(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation, sizes.weight_std, where)
     eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]  # as Qwen2.5-VL-Instruct's generation_config
     _set_generation_ids(model, bos=None, eos=eos, pad=ids["<|endoftext|>"])
     image_processor = Qwen2VLImageProcessorPil(
@@ -331,6 +333,19 @@ def build(spec: "GraphSpec", seed: int = 0, attn_implementation: str = "sdpa") -
     return _BUILDERS[spec.family](seed, attn_implementation, Sizes.from_spec(spec))
 
 
+def build_random(
+    spec: "GraphSpec", dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, Preprocessor]:
+    """`--random-weights`: a registered real architecture (e.g. llava-1.5-7b) at full size with
+    seeded random weights, built directly in `dtype` on `device` (no fp32 copy: 7B in fp16 is
+    14 GB, not 28). device "meta" allocates no parameter: the streaming export draws each
+    one later, a tensor at a time, with `random_tensor`. Text vocabulary at the spec's size;
+    the tokenizer is the offline byte-level one, so ids stay below it."""
+    sizes = replace(Sizes.from_spec(spec), vocab_size=spec.text.vocab_size)
+    return _BUILDERS[spec.family](seed, attn_implementation, sizes, Where(dtype, torch.device(device)))
+
+
 def save_checkpoint(model: PreTrainedModel, preprocessor: Preprocessor, directory: str | Path) -> None:
     """Save so that `<Model>.from_pretrained` and `Preprocessor.from_pretrained` load it back identically."""
     directory = Path(directory)
@@ -342,12 +357,32 @@ def save_checkpoint(model: PreTrainedModel, preprocessor: Preprocessor, director
 # ----------------------------------------------------------------------------- weights
 
 
+@dataclass(frozen=True)
+class Where:
+    """Dtype and device a --random-weights model is built in directly."""
+
+    dtype: torch.dtype
+    device: torch.device
+
+
 def _build(
     model_cls: type[PreTrainedModel], config: PreTrainedConfig, seed: int, attn_implementation: str,
-    weight_std: float = WEIGHT_STD,
+    weight_std: float = WEIGHT_STD, where: Where | None = None,
 ) -> PreTrainedModel:
-    """Construct under a forked RNG (caller's global RNG untouched), re-init, fp32, eval."""
+    """Construct under a forked RNG (caller's global RNG untouched), re-init, fp32, eval.
+
+    With `where`: built in that dtype on that device, weights drawn there per tensor
+    (`random_tensor`; the meta device draws nothing)."""
     config._attn_implementation = attn_implementation
+    if where is not None:
+        with _meta_parameters():  # buffers (rotary tables) stay real, parameters allocate nothing
+            model = model_cls._from_config(config, dtype=where.dtype)
+        if where.device.type != "meta":
+            materialize(model, lambda name, p: random_tensor(name, tuple(p.shape), where.dtype, weight_std, seed,
+                                                             where.device))
+            model.to(where.device)  # the buffers
+        model.config.random_weight_std = weight_std  # the streaming export draws the same way
+        return model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
@@ -370,6 +405,58 @@ def _reinit(model: torch.nn.Module, seed: int, weight_std: float = WEIGHT_STD) -
                 param.copy_(1.0 + noise * BIAS_STD)
             else:
                 param.copy_(noise * BIAS_STD)
+
+
+@contextmanager
+def _meta_parameters() -> Iterator[None]:
+    """Every nn.Parameter registered inside lives on the meta device (no memory); buffers
+    are created as usual. Like accelerate's init_empty_weights(include_buffers=False)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            module._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def materialize(model: torch.nn.Module, make: "Callable[[str, torch.nn.Parameter], torch.Tensor]") -> None:
+    """Replace each meta parameter by make(name, param), one at a time (tied ones once)."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for mname, module in model.named_modules():
+        for pname, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in done:
+                name = f"{mname}.{pname}" if mname else pname
+                done[id(param)] = torch.nn.Parameter(make(name, param), requires_grad=False)
+            module._parameters[pname] = done[id(param)]
+
+
+def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, weight_std: float, seed: int = 0,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+    """One --random-weights parameter, a function of (seed, name, device type) alone: the same
+    values whether the model is materialised at once or streamed tensor by tensor (a GPU's
+    generator draws another stream than the CPU's). Matrices/embeddings ~ N(0, weight_std),
+    norm scales ~ 1 + N(0, BIAS_STD), biases ~ N(0, BIAS_STD), as `_reinit`."""
+    import zlib
+
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
+    if len(shape) >= 2:
+        noise *= weight_std
+    elif _is_norm_scale(name):
+        noise = noise.mul_(BIAS_STD).add_(1.0)
+    else:
+        noise *= BIAS_STD
+    return noise.to(dtype)
 
 
 def _is_norm_scale(name: str) -> bool:

@@ -40,7 +40,7 @@ class Llava(Family):
     def positions(cls, model: nn.Module, inputs: Any) -> torch.Tensor:
         ids, mask = inputs.input_ids, inputs.attention_mask
         if mask is None:
-            return torch.arange(ids.shape[1]).expand(ids.shape[0], -1)  # (B, L)
+            return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)  # (B, L)
         # Left padding: positions count real tokens only, as HF generate does.
         return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
 

@@ -47,7 +47,7 @@ def causal_mask(length_like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(1, 1, T, T) additive causal mask from Range/compare ops (no Trilu needed)."""
     i = torch.arange(length_like.shape[1], device=length_like.device)
     future = i.view(1, -1) > i.view(-1, 1)  # (T, T)
-    mask = torch.zeros(future.shape, dtype=dtype).masked_fill(future, torch.finfo(dtype).min)
+    mask = torch.zeros(future.shape, dtype=dtype, device=future.device).masked_fill(future, torch.finfo(dtype).min)
     return mask[None, None]
 
 

@@ -42,7 +42,7 @@ class Prefill:
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool (B, Q, K) -> additive (B, 1, Q, K): works for eager and sdpa attention."""
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask.unsqueeze(1)
 
 
@@ -50,9 +50,9 @@ def prefill_mask(key_ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Causal over the compact sequence (indices are sorted, so this is causal in
     original order), padding keys masked; the diagonal stays open so a padding query
     row never sees an all-masked softmax."""
-    t = key_ok.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool).tril()  # (T, T)
-    allowed = (causal & key_ok[:, None, :]) | torch.eye(t, dtype=torch.bool)  # (B, T, T)
+    t, dev = key_ok.shape[1], key_ok.device
+    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()  # (T, T)
+    allowed = (causal & key_ok[:, None, :]) | torch.eye(t, dtype=torch.bool, device=dev)  # (B, T, T)
     return additive_mask(allowed, dtype)
 
 
@@ -85,10 +85,10 @@ class RoutedModel:
         """Score, select K_s visual tokens, and return (selected, new kept positions)."""
         b, length = key_ok.shape
         # Reroute scores every token on the full buffer; delete only what is still there.
-        seq = torch.arange(length).expand(b, -1) if self.plan.recoverable else kept  # (B, T)
+        seq = torch.arange(length, device=key_ok.device).expand(b, -1) if self.plan.recoverable else kept  # (B, T)
         x = H if self.plan.recoverable else h
         probs = last_row_scores(layer, x, gather_rows(cos, seq), gather_rows(sin, seq), key_ok.gather(1, seq))
-        full = torch.full((b, length), float("-inf")).scatter(1, seq, probs)  # (B, L)
+        full = torch.full((b, length), float("-inf"), device=probs.device).scatter(1, seq, probs)  # (B, L)
         selected = top_k_ascending(full.gather(1, vis_pos), self.plan.stages[stage].keep)  # (B, K_s)
         return selected, kept_positions(text_pos, vis_pos, selected)
 
@@ -99,13 +99,13 @@ class RoutedModel:
         vis_pos, text_pos = self._spans(ids)
         key_ok = (
             inputs.attention_mask.bool() if inputs.attention_mask is not None
-            else torch.ones(b, length, dtype=torch.bool)
+            else torch.ones(b, length, dtype=torch.bool, device=ids.device)
         )
         H = self.family.embed(self.model, inputs)  # (B, L, D)
         positions = self.family.positions(self.model, inputs)  # (B, L) or (3, B, L)
         cos, sin = self.decoder.rotary_emb(H, positions)  # (B, L, hd) each
         cache = RoutedKVCache(len(self.layers))
-        kept = torch.arange(length).expand(b, -1)  # (B, T) positions of the compact rows
+        kept = torch.arange(length, device=ids.device).expand(b, -1)  # (B, T) positions of the compact rows
         h, decisions, buffers = H, [], []
         mask = prefill_mask(key_ok, H.dtype)
         for i, layer in enumerate(self.layers):
@@ -152,7 +152,7 @@ def generate(
     sample that emitted EOS keeps emitting it while the others finish."""
     pre = routed.prefill(inputs)
     logits, pos = pre.logits, pre.next_position.clone()
-    done = torch.zeros(logits.shape[0], dtype=torch.bool)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     out = []
     for step in range(max_new_tokens):
         token = logits.argmax(-1)  # (B,)
@@ -164,5 +164,5 @@ def generate(
             break
         logits = routed.decode_step(token, pos, pre.cache)
         pos = pos + 1
-    ids = torch.stack(out, dim=1) if out else torch.zeros(logits.shape[0], 0, dtype=torch.long)
+    ids = torch.stack(out, dim=1) if out else torch.zeros(logits.shape[0], 0, dtype=torch.long, device=logits.device)
     return pre, ids
