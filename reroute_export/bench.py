@@ -189,6 +189,15 @@ class Runner:
         """The greedy token a prefill/decode state holds (the memory pass records them)."""
         raise NotImplementedError
 
+    def margin(self, state: Any) -> float | None:
+        """Top-1 minus top-2 logit of a state (None where the state holds no logits): a
+        divergence between backends where this is tiny is a near tie, not a routing error."""
+        return None
+
+    def decisions(self, state: Any) -> list[list[int]] | None:
+        """Per stage, the kept visual indices of a prefill state (None: not exposed)."""
+        return None
+
     def prefill(self) -> Any: ...
 
     def decode(self, state: Any, step: int) -> Any: ...
@@ -200,14 +209,17 @@ class Runner:
         self.sync()
         v_ms, _ = _ms(lambda: (self.vision(), self.sync()))
         p_ms, p_cpu, (state, _) = _ms_cpu(lambda: (self.prefill(), self.sync()))
-        d_ms, tokens = [], [self.token(state)] if not timed else []
+        if not timed:
+            self.routing = self.decisions(state)
+        d_ms, tokens, margins = [], [self.token(state)] if not timed else [], [self.margin(state)]
         for step in range(decode_tokens):
             ms, (state, _) = _ms(lambda: (self.decode(state, step), self.sync()))
             d_ms.append(ms)
             if not timed:
                 tokens.append(self.token(state))
+                margins.append(self.margin(state))
         if not timed:
-            self.tokens = tokens
+            self.tokens, self.margins = tokens, margins
         if timed:
             samples.vision_ms.append(v_ms)
             samples.prefill_ms.append(p_ms)
@@ -258,16 +270,22 @@ class TorchRunner(Runner):
             self.loaded.family.image_features(self.loaded.model, self.inputs)
 
     def token(self, state: Any) -> int:
-        return int(state[0][0])
+        return int(state[0][0].argmax())
+
+    def margin(self, state: Any) -> float | None:
+        return _top2_margin(state[0][0])
+
+    def decisions(self, state: Any) -> list[list[int]] | None:
+        return [d[0].tolist() for d in state[3]]
 
     def prefill(self) -> Any:
         pre = self.routed.prefill(self.inputs)
-        return pre.logits.argmax(-1), pre.next_position.clone(), pre.cache
+        return pre.logits, pre.next_position.clone(), pre.cache, pre.decisions
 
     def decode(self, state: Any, step: int) -> Any:
-        token, pos, cache = state
-        logits = self.routed.decode_step(token, pos, cache)
-        return logits.argmax(-1), pos + 1, cache
+        logits, pos, cache = state[:3]
+        logits = self.routed.decode_step(logits.argmax(-1), pos, cache)
+        return logits, pos + 1, cache
 
 
 class StaticRunner(Runner):
@@ -315,10 +333,10 @@ class StaticRunner(Runner):
 
     def _prefill_eager(self) -> Any:
         out = self.prefill_module(self.embeds, self.positions, self.visual_start)
-        return out[0], out[1:1 + 2 * self.layers]
+        return out[0], out[1:1 + 2 * self.layers], out[1 + 2 * self.layers:]
 
     def _decode_eager(self, state: Any, step: int) -> Any:
-        logits, kv = state
+        logits, kv = state[:2]
         x = self.embed_tokens(logits.argmax(-1).view(-1, 1))  # greedy, on the device
         out = self.decode_module(x, self.step_positions[step], *kv)
         return out[0], out[1:]
@@ -360,6 +378,12 @@ class StaticRunner(Runner):
 
     def token(self, state: Any) -> int:
         return int(state[0].argmax(-1)[0])
+
+    def margin(self, state: Any) -> float | None:
+        return _top2_margin(state[0][0])
+
+    def decisions(self, state: Any) -> list[list[int]] | None:
+        return [d[0].tolist() for d in state[2]]
 
     def prefill(self) -> Any:
         if self.graphs:
@@ -409,16 +433,23 @@ class ArtifactRunner(Runner):
         self.art.run_vision(self.pixel_values)
 
     def token(self, state: Any) -> int:
-        return int(state[0])
+        return int(self.np.argmax(state[0]))
+
+    def margin(self, state: Any) -> float | None:
+        top = self.np.sort(state[0])[-2:]
+        return float(top[1] - top[0])
+
+    def decisions(self, state: Any) -> list[list[int]] | None:
+        return [d.tolist() for d in state[2]]
 
     def prefill(self) -> Any:
         out = self.art.run_prefill(self.feeds)
-        return int(self.np.argmax(out["logits"])), out["kv"]
+        return out["logits"], out["kv"], out["decisions"]
 
     def decode(self, state: Any, step: int) -> Any:
-        token, kv = state
-        logits, kv = self.art.decode_step(token, self.next_position + step, kv)
-        return int(self.np.argmax(logits)), kv
+        logits, kv = state[:2]
+        logits, kv = self.art.decode_step(int(self.np.argmax(logits)), self.next_position + step, kv)
+        return logits, kv
 
     def close(self) -> None:
         del self.art
@@ -532,6 +563,11 @@ def _export(loaded: "Loaded", plan: Any, inputs: Any, folder: Path, target: str 
         trt = result.manifest.get("trt", {})
         raise _Skip(f"skipped: no TensorRT engine was built ({trt.get('reason') or trt.get('error') or 'unknown'})")
     return time.perf_counter() - t0
+
+
+def _top2_margin(logits: Any) -> float:
+    top = logits.float().topk(2).values
+    return float(top[0] - top[1])
 
 
 class _Skip(Exception):
@@ -672,7 +708,9 @@ def run_bench(
                 continue
             s, runner = results[(m, backend)]
             records.append({**base, "status": "ok", **s.figures(), "weights_rss_mb": runner.weights_rss_mb,
-                            "greedy_tokens": getattr(runner, "tokens", None), **runner.extra})
+                            "greedy_tokens": getattr(runner, "tokens", None),
+                            "top2_margins": getattr(runner, "margins", None),
+                            "decisions": getattr(runner, "routing", None), **runner.extra})
     _add_measured_speedup(records)
     return records
 
@@ -753,10 +791,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _tokens_agree(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per method and backend: the fraction of the memory pass's greedy tokens equal to the
-    first backend's (the eager torch reference when it ran), up to the first difference."""
-    out: dict[str, dict[str, float]] = {}
+def _tokens_agree(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method and backend against the first backend (the eager torch reference when it
+    ran), from the memory pass: the fraction of greedy tokens equal up to the first
+    difference, the reference's top-2 logit margin at that step, whether the routing
+    decisions are identical (backends that expose them)."""
+    out: dict[str, dict[str, Any]] = {}
     for m in dict.fromkeys(r["method"] for r in records):
         runs = [r for r in records if r["method"] == m and r.get("status") == "ok" and r.get("greedy_tokens")]
         if len(runs) < 2:
@@ -765,7 +805,14 @@ def _tokens_agree(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         for r in runs[1:]:
             got = r["greedy_tokens"]
             same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-            out.setdefault(m, {})[f"{r['backend']}_vs_{runs[0]['backend']}"] = same / max(1, len(ref))
+            entry: dict[str, Any] = {"tokens_equal_fraction": same / max(1, len(ref))}
+            margins = runs[0].get("top2_margins") or []
+            if same < len(ref) and same < len(margins) and margins[same] is not None:
+                entry["first_difference"] = same
+                entry["reference_top2_margin_there"] = margins[same]
+            if runs[0].get("decisions") is not None and r.get("decisions") is not None:
+                entry["decisions_equal"] = runs[0]["decisions"] == r["decisions"]
+            out.setdefault(m, {})[f"{r['backend']}_vs_{runs[0]['backend']}"] = entry
     return out
 
 
@@ -829,8 +876,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(f"{backend}: reroute prefill / pdrop prefill = {e['reroute_over_pdrop']:.3f} "
                          f"(target <= {t['reroute_over_pdrop']}: {_met(e['reroute_over_pdrop_met'])})")
     for m, agree in summary.get("greedy_tokens_agree", {}).items():
-        lines.append(f"{m}: greedy tokens equal up to the first difference: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in agree.items()))
+        lines.append(f"{m}: " + "; ".join(_agree_text(k, v) for k, v in agree.items()))
     if "static_over_eager" in summary:
         lines.append(f"reroute, torch eager / torch-static: prefill {summary['static_over_eager']:.2f}x, "
                      f"decode {summary['static_over_eager_decode']:.2f}x")
@@ -838,6 +884,16 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"reroute prefill, torch eager / onnxruntime = {summary['onnxruntime_over_torch']:.2f}x "
                      f"(target >= {t['onnxruntime_over_torch']}: {_met(summary['onnxruntime_over_torch_met'])})")
     return lines
+
+
+def _agree_text(pair: str, e: dict[str, Any]) -> str:
+    text = f"{pair}: greedy tokens equal for {e['tokens_equal_fraction']:.2f} of the steps"
+    if "first_difference" in e:
+        text += (f" (first difference at step {e['first_difference']}, where the reference's top-2 logit "
+                 f"margin is {e['reference_top2_margin_there']:.3g})")
+    if "decisions_equal" in e:
+        text += f", routing decisions {'identical' if e['decisions_equal'] else 'DIFFERENT'}"
+    return text
 
 
 def _met(ok: bool) -> str:
