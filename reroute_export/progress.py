@@ -36,6 +36,13 @@ class Steps:
             elif not self.quiet:
                 print(f"[{self.done}/{self.total}] {name} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
 
+    def note(self, text: str) -> None:
+        """Progress inside the current step (e.g. bytes written so far)."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=text)
+        elif not self.quiet:
+            print(f"      {text}", file=sys.stderr)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()

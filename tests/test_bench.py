@@ -72,6 +72,10 @@ def test_bench_cli_writes_records_and_summary(tmp_path: Path) -> None:
     for entry in summary["per_backend"].values():
         assert _positive(entry["reroute_speedup_vs_none"]) and _positive(entry["fraction_of_theoretical"])
     assert _positive(summary["onnxruntime_over_torch"])
+    for m in METHODS:  # the artifact reproduces the eager reference: same decisions, same greedy tokens
+        agree = summary["greedy_tokens_agree"][m]["onnxruntime_vs_torch"]
+        assert agree["tokens_equal_fraction"] == 1.0 and agree["decisions_equal"] is True
+    assert len(records[1]["decisions"]) == 4 and len(records[1]["greedy_tokens"]) == 3  # prefill + 2 steps
     assert payload["machine"]["cpu_count"] >= 1
     assert "| reroute | onnxruntime |" in md.read_text()
 
@@ -86,13 +90,42 @@ def test_run_bench_torch_only_without_export() -> None:
     assert summary["per_backend"] == {} and "onnxruntime_over_torch" not in summary
 
 
+def test_torch_static_backend_matches_the_eager_reference() -> None:
+    """The export's static-shape modules run by torch (eagerly on a CPU; CUDA graphs on a GPU):
+    identical decisions and greedy tokens to the eager engine, and the static/eager ratio."""
+    records = bench.run_bench("tiny-qwen2.5-vl", BUDGET, ["reroute"], ["torch", "torch-static"], repeats=1,
+                              warmup=0, threads=1, progress=False, decode_tokens=3)
+    eager, static = records
+    assert static["backend"] == "torch-static" and static["status"] == "ok" and static["cuda_graphs"] is False
+    assert all(_positive(static[k]) for k in TIMED)
+    assert static["decisions"] == eager["decisions"] and len(static["decisions"]) == 4
+    assert static["greedy_tokens"] == eager["greedy_tokens"]
+    summary = bench.summarize(records)
+    assert _positive(summary["static_over_eager"]) and _positive(summary["static_over_eager_decode"])
+    assert summary["greedy_tokens_agree"]["reroute"]["torch-static_vs_torch"]["decisions_equal"] is True
+
+
+def test_random_weights_run_in_another_dtype_skip_the_artifact_backends() -> None:
+    records = bench.run_bench(MODEL, BUDGET, ["reroute"], ["torch", "onnxruntime"], repeats=1, warmup=0,
+                              progress=False, decode_tokens=1, dtype="bf16", random_weights=True)
+    torch_rec, ort = records
+    assert torch_rec["status"] == "ok" and torch_rec["dtype"] == "bf16" and torch_rec["random_weights"] is True
+    assert ort["status"].startswith("skipped: onnxruntime exports the fp32 CPU model")
+
+
 @pytest.mark.parametrize("kwargs,message", [
+    ({"device": "cuda"}, "--device cuda: no CUDA device here"),
+    ({"dtype": "int4"}, "unknown --dtype int4"),
     ({"methods": ["reroute", "prune"]}, "unknown method"),
     ({"backends": ["tvm"]}, "unknown backend"),
     ({"repeats": 0}, "--repeats must be >= 1"),
     ({"budget": 1000}, "budget 1000 out of range"),
 ])
 def test_bad_input_is_one_line_user_error(kwargs, message) -> None:
+    import torch
+
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
     call = {"model_name": MODEL, "budget": BUDGET, "methods": ["reroute"], "backends": ["torch"],
             "repeats": 1, "warmup": 0, "progress": False, **kwargs}
     with pytest.raises(UserError, match=message) as e:

@@ -153,7 +153,8 @@ def run_parity(artifact: Path, model: str | None = None, inputs: str | None = No
     art = (runner or OrtArtifact).load(Path(artifact))
     m = art.manifest
     source = model or m.get("model_source") or m["model"]
-    loaded = load(source)
+    # a --random-weights artifact: the same seeded weights, drawn again on the CPU in fp32
+    loaded = load(source, random_weights=bool(m.get("random_weights")) and model is None)
     if loaded.family.name != m["family"]:
         raise UserError(f"--model {source} is a {loaded.family.name} model; the artifact is {m['family']}")
     loaded = spec_for_inputs(loaded, art.plan.visual_tokens)

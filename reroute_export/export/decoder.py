@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,7 @@ from ..rewrite.decoder import eager_attention, static_decode, static_prefill
 from ..rewrite.precision import layer_dtypes
 from . import contract as C
 from .onnx_ops import TRANSLATIONS, attach_functions, inline_functions
+from .stream import StreamedGraph, WeightStream
 
 TWO_GB = 2**31
 
@@ -51,8 +53,12 @@ def stage_of_layers(plan: RoutingPlan) -> list[int]:
     return out
 
 
-def finish(model: onnx.ModelProto, inline: bool) -> onnx.ModelProto:
-    """Attach `reroute` functions, pin IR version and opset (DESIGN.md 2)."""
+def finish(model: "onnx.ModelProto | StreamedGraph", inline: bool) -> "onnx.ModelProto | StreamedGraph":
+    """Attach `reroute` functions, pin IR version and opset (DESIGN.md 2). A streamed graph
+    gets them when it is written (its proto exists only then)."""
+    if isinstance(model, StreamedGraph):
+        model.inline = inline
+        return model
     model = attach_functions(model)
     if inline:
         model = inline_functions(model)
@@ -60,8 +66,12 @@ def finish(model: onnx.ModelProto, inline: bool) -> onnx.ModelProto:
     return model
 
 
-def save(model: onnx.ModelProto, path: Path) -> None:
-    """One file, or weights as external data when they pass protobuf's 2 GB limit."""
+def save(model: "onnx.ModelProto | StreamedGraph", path: Path) -> None:
+    """One file, or weights as external data when they pass protobuf's 2 GB limit; a
+    streamed graph always writes its weights as external data, one tensor at a time."""
+    if isinstance(model, StreamedGraph):
+        model.write(Path(path), finish)
+        return
     large = model.ByteSize() > TWO_GB - (64 << 20) if _can_size(model) else True
     if large:
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -78,23 +88,28 @@ def _can_size(model: onnx.ModelProto) -> bool:
         return False
 
 
-def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, output_names) -> onnx.ModelProto:
+def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, output_names,
+            stream: WeightStream | None = None) -> "onnx.ModelProto | StreamedGraph":
+    """torch.onnx (dynamo) export, optimised; with `stream` the module's parameters are data-free
+    stand-ins while tracing and the graph keeps lazy weights until it is saved."""
     # the exporter logs a warning per torchvision op it cannot register; we use none of them
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), (stream.stand_ins() if stream else nullcontext()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=C.OPSET, dynamic_shapes=dynamic_shapes,
             input_names=input_names, output_names=output_names, custom_translation_table=TRANSLATIONS,
-            optimize=True, verbose=False,
+            optimize=stream is None, verbose=False,
         )
+        if stream is not None:
+            return stream.bind(program.model, module)  # stand-ins still in place: their ids name them
     return program.model_proto
 
 
 def export_prefill(
     model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
-    max_prompt_tokens: int, *, inline: bool = False,
-) -> onnx.ModelProto:
+    max_prompt_tokens: int, *, inline: bool = False, stream: WeightStream | None = None,
+) -> "onnx.ModelProto | StreamedGraph":
     n = plan.visual_tokens
     length = Dim("prompt_tokens", min=n + 2, max=max_prompt_tokens)
     pos_axis = example.position_ids.dim() - 1
@@ -103,7 +118,7 @@ def export_prefill(
     with eager_attention(model), torch.no_grad():
         proto = _export(static_prefill(model, family, plan),
                         (example.inputs_embeds, example.position_ids, example.visual_start),
-                        shapes, [C.INPUTS_EMBEDS, C.POSITION_IDS, C.VISUAL_START], outputs)
+                        shapes, [C.INPUTS_EMBEDS, C.POSITION_IDS, C.VISUAL_START], outputs, stream)
     return finish(proto, inline)
 
 
@@ -124,8 +139,8 @@ def decode_example(plan: RoutingPlan, example: DecoderExample, num_kv_heads: int
 
 def export_decode(
     model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
-    max_total_tokens: int, *, inline: bool = False,
-) -> onnx.ModelProto:
+    max_total_tokens: int, *, inline: bool = False, stream: WeightStream | None = None,
+) -> "onnx.ModelProto | StreamedGraph":
     attn = family.decoder(model).layers[0].self_attn
     args = decode_example(plan, example, attn.config.num_key_value_heads, attn.head_dim,
                           layer_dtypes(model, family))
@@ -136,5 +151,5 @@ def export_decode(
     with eager_attention(model), torch.no_grad():
         proto = _export(static_decode(model, family, plan), args, shapes,
                         [C.INPUTS_EMBEDS, C.POSITION_IDS, *kv_names(plan.num_layers, "past")],
-                        [C.LOGITS, *kv_names(plan.num_layers, "present")])
+                        [C.LOGITS, *kv_names(plan.num_layers, "present")], stream)
     return finish(proto, inline)

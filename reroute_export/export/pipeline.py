@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from . import contract as C
 from .artifact import ArtifactWriter
 from ..rewrite.precision import keep_layers_fp32
 from .decoder import DecoderExample, export_decode, export_prefill, save
+from .stream import WeightStream, check_streamed, is_streamed, random_source
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -62,9 +63,13 @@ class ExportResult:
 
 
 def example_for(loaded: Loaded, inputs: Any, dtype: torch.dtype) -> DecoderExample:
-    """Prefill example inputs from a real sample (batch 1), in the export dtype."""
-    with torch.no_grad():
-        embeds = loaded.family.embed(loaded.model, inputs).to(dtype)  # (1, L, D)
+    """Prefill example inputs from a real sample (batch 1), in the export dtype (a streamed
+    model has no weights to embed with: zeros of the same shape, only shapes matter)."""
+    if is_streamed(loaded.model):
+        embeds = torch.zeros(1, inputs.input_ids.shape[1], loaded.spec.text.hidden_size, dtype=dtype)
+    else:
+        with torch.no_grad():
+            embeds = loaded.family.embed(loaded.model, inputs).to(dtype)  # (1, L, D)
     positions = loaded.family.positions(loaded.model, inputs)
     ids = inputs.input_ids[0]
     start = (ids == loaded.family.image_token_id(loaded.model)).nonzero()[0]  # (1,)
@@ -92,32 +97,40 @@ def versions() -> dict[str, str]:
 
 
 def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, opts: ExportOptions,
-                  steps: Steps) -> dict[str, Any]:
+                  steps: Steps) -> tuple[dict[str, Any], WeightStream | None]:
     from .vision import export_vision
 
     dtype = PRECISIONS[opts.precision]
-    model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
+    # An fp16 copy only when the model is not in the export dtype already (meta copies are free).
+    same = next(loaded.model.parameters()).dtype == dtype
+    model = loaded.model if same and not opts.fp32_layers else copy.deepcopy(loaded.model).to(dtype)
     if opts.fp32_layers and dtype != torch.float32:
         keep_layers_fp32(model, loaded.family, opts.fp32_layers)
+    stream = _stream_for(model, steps)
     grid = tuple(int(x) for x in inputs.image_grid_thw[0]) if inputs.image_grid_thw is not None else None
     sh = shapes(loaded, plan, opts)
     with steps.step("vision graph"):
         export_vision(model, loaded.family.name, folder / C.VISION, example_pixel_values=inputs.pixel_values.to(dtype),
-                      image_grid_thw=grid, dtype=dtype)
+                      image_grid_thw=grid, dtype=dtype, stream=stream)
     example = example_for(loaded, inputs, dtype)
     with steps.step("prefill graph (routing inside)"):
         save(export_prefill(model, loaded.family, plan, example, sh["max_prompt_tokens"],
-                            inline=opts.inline_functions), folder / C.PREFILL)
+                            inline=opts.inline_functions, stream=stream), folder / C.PREFILL)
     with steps.step("decode graph"):
         save(export_decode(model, loaded.family, plan, example, sh["max_prompt_tokens"] + sh["max_new_tokens"],
-                           inline=opts.inline_functions), folder / C.DECODE)
+                           inline=opts.inline_functions, stream=stream), folder / C.DECODE)
     with steps.step("embeddings and preprocessor"):
-        table = model.get_input_embeddings().weight.detach().to(dtype).numpy()  # (V, D)
-        np.save(folder / C.EMBEDDINGS, table)
+        if stream is not None:
+            embed = model.get_input_embeddings().weight
+            stream.write_table(next(n for n, p in model.named_parameters() if p is embed), folder / C.EMBEDDINGS)
+        else:
+            table = model.get_input_embeddings().weight.detach().to(dtype).numpy()  # (V, D)
+            np.save(folder / C.EMBEDDINGS, table)
         loaded.preprocessor.save_pretrained(folder / C.PREPROCESSOR)
     vision_cfg = getattr(loaded.model.config, "vision_config", None)
     return {
         "model": loaded.spec.name, "model_source": loaded.source, "family": loaded.family.name, "plan": plan.to_dict(),
+        "random_weights": loaded.random_weights, "weights_written": "streamed" if stream is not None else "in memory",
         "precision": opts.precision, "opset": C.OPSET, "ir_version": C.IR_VERSION,
         "inline_functions": opts.inline_functions, "shapes": sh,
         "fp32_layers": list(opts.fp32_layers) if opts.precision != "fp32" else [],
@@ -127,7 +140,52 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
         "image_token_id": loaded.family.image_token_id(loaded.model),
         "eos_token_id": getattr(loaded.preprocessor.tokenizer, "eos_token_id", None),
         "versions": versions(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    }, stream
+
+
+def _stream_for(model: torch.nn.Module, steps: Steps) -> WeightStream | None:
+    """A weight stream when the model's parameters are data-free (--random-weights), with a
+    progress note every GiB read."""
+    if not is_streamed(model):
+        return None
+    done = [0, 0]
+
+    def tick(name: str, nbytes: int) -> None:
+        done[0] += nbytes
+        if done[0] - done[1] >= 1 << 30:
+            done[1] = done[0]
+            steps.note(f"weights streamed: {done[0] / 2**30:.1f} GiB")
+
+    return WeightStream(model, random_source(model), on_tensor=tick)
+
+
+def reference_for_check(loaded: Loaded) -> tuple[Loaded | None, str | None]:
+    """The eager fp32 reference of the post-export check: the loaded model itself, or for a
+    streamed (--random-weights) export the same weights materialised on the CPU when the
+    reference and the ONNX Runtime sessions fit in half the available memory."""
+    if not is_streamed(loaded.model):
+        return loaded, None
+    from ..registry import load
+
+    params = sum(p.numel() for p in loaded.model.parameters())
+    need = params * (4 + 2 * 2)  # fp32 reference + prefill and decode sessions at 2 bytes/weight
+    avail = _available_bytes()
+    if avail is not None and need > avail // 2:
+        return None, (f"skipped: the check needs ~{need / 2**30:.0f} GiB (fp32 reference + ONNX Runtime "
+                      f"sessions), {avail / 2**30:.0f} GiB available; run `reroute-export parity --artifact "
+                      f"DIR` on a machine with more memory")
+    ref = load(loaded.source or loaded.spec.name, torch.float32, "cpu", random_weights=True)
+    return replace(loaded, model=ref.model), None
+
+
+def _available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, manifest: dict[str, Any],
@@ -150,15 +208,24 @@ def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Pa
 def export_artifact(loaded: Loaded, plan: RoutingPlan, inputs: Any, output: Path, opts: ExportOptions) -> ExportResult:
     if opts.precision not in PRECISIONS:
         raise ValueError(f"precision {opts.precision}")
-    steps = Steps(4 + opts.check + (opts.target == "trt"), quiet=opts.quiet, title="export")
+    steps = Steps(4 + opts.check + (opts.target == "trt") + is_streamed(loaded.model), quiet=opts.quiet,
+                  title="export")
     try:
         with ArtifactWriter(Path(output), force=opts.force) as writer:
-            manifest = _write_graphs(loaded, plan, inputs, writer.path, opts, steps)
+            manifest, stream = _write_graphs(loaded, plan, inputs, writer.path, opts, steps)
             writer.write_manifest(manifest)  # the runtime reads it during the check
             bad: list[str] = []
+            if stream is not None:
+                with steps.step("streamed weights: onnx.checker, weights read back"):
+                    manifest["stream_check"] = check_streamed(writer.path, manifest["graphs"], stream)
             if opts.check:
                 with steps.step("parity check (ONNX Runtime vs eager fp32)"):
-                    manifest["check"], bad = post_export_check(loaded, plan, inputs, writer.path, manifest, opts)
+                    reference, why = reference_for_check(loaded)
+                    if reference is None:
+                        manifest["check"] = {"passed": None, "skipped": why}
+                    else:
+                        manifest["check"], bad = post_export_check(reference, plan, inputs, writer.path, manifest,
+                                                                   opts)
             if opts.target == "trt":
                 with steps.step("TensorRT build plan / engines"):
                     manifest["trt"] = tensorrt_stage(writer.path, manifest, opts)

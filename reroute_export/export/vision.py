@@ -23,6 +23,7 @@ from torch import nn
 
 from . import contract as C
 from .decoder import _export, save
+from .stream import StreamedGraph, WeightStream
 
 LLAVA, QWEN2_5_VL = "llava", "qwen2.5-vl"
 
@@ -122,10 +123,13 @@ def vision_module(model: nn.Module, family_name: str, image_grid_thw: tuple[int,
 
 
 def export_vision(model: nn.Module, family_name: str, path: Path, *, example_pixel_values: torch.Tensor,
-                  image_grid_thw: tuple[int, int, int] | None = None, dtype: torch.dtype = torch.float32) -> None:
+                  image_grid_thw: tuple[int, int, int] | None = None, dtype: torch.dtype = torch.float32,
+                  stream: "WeightStream | None" = None) -> None:
     """Write `vision.onnx`: one static input `pixel_values`, one output `image_features`."""
     module = vision_module(model, family_name, image_grid_thw).eval()
     with torch.no_grad():
-        proto = _export(module, (example_pixel_values.to(dtype),), None, [C.PIXEL_VALUES], [C.IMAGE_FEATURES])
-    proto.ir_version = C.IR_VERSION
+        proto = _export(module, (example_pixel_values.to(dtype),), None, [C.PIXEL_VALUES], [C.IMAGE_FEATURES],
+                        stream)
+    if not isinstance(proto, StreamedGraph):  # a streamed graph is finished as it is written
+        proto.ir_version = C.IR_VERSION
     save(proto, Path(path))

@@ -1,0 +1,261 @@
+"""Streaming weights: export graphs from a model whose parameters hold no data, and write
+each weight once, from its source straight into the graph's external-data file.
+
+Why: torch.onnx's ModelProto path holds the weights several times over (the torch
+parameters, the ONNX IR tensors, the serialised protobuf, the external-data copy): 4.8x
+the fp16 weights on bench-llava, ~65 GB for a 7B model. Here
+
+1. the model is built with its parameters on the meta device (`tiny.build_random(...,
+   "meta")`): no weight exists in memory;
+2. while tracing, each parameter is a one-element stand-in expanded to its shape (stride
+   0, real CPU memory, so buffers and inputs stay on one device);
+3. the exported, not yet optimised, ONNX IR has one initializer per parameter, named by
+   its path in the traced module; each is re-bound to an `onnx_ir.LazyTensor` that asks
+   the weight source for that one tensor when something reads it (the optimiser reads
+   only small ones; the writer reads each once);
+4. onnxscript's optimiser runs (what torch.onnx's optimize=True runs), then
+   `onnx_ir.save` streams every tensor into `<graph>.onnx.data` with a bounded number of
+   bytes in flight; the `reroute` local functions are attached to the small proto after.
+
+Peak memory is the traced program, a few tensors in flight and the sources' own
+buffers: independent of the model size (measured in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import onnx
+import torch
+
+# A weight source: (parameter name in the HF model, shape, dtype) -> the tensor's values.
+Source = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+
+IN_FLIGHT_BYTES = 256 << 20  # what onnx_ir's writer may hold at once (its default is 1 GiB)
+
+
+def random_source(model: torch.nn.Module, seed: int = 0) -> Source:
+    """The --random-weights source: the values `tiny.build_random` gives the same model on
+    the CPU (so `parity` can rebuild the reference and compare)."""
+    from ..tiny import random_tensor
+
+    std = float(model.config.random_weight_std)
+    return lambda name, shape, dtype: random_tensor(name, shape, dtype, std, seed, "cpu")
+
+
+def is_streamed(model: torch.nn.Module) -> bool:
+    """True when the model's parameters hold no data (built on the meta device)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+@dataclass
+class WeightStream:
+    """Maps the traced module's parameters back to the HF model's names and their source."""
+
+    model: torch.nn.Module
+    source: Source
+    names: dict[int, str] = field(default_factory=dict)  # id(stand-in parameter) -> model name
+    on_tensor: Callable[[str, int], None] | None = None  # progress: (name, bytes) as each is read
+    # graph file -> {initializer: (model parameter name, transpose perm or None)}
+    written: dict[str, dict[str, tuple[str, tuple[int, ...] | None]]] = field(default_factory=dict)
+
+    @contextmanager
+    def stand_ins(self) -> Iterator[None]:
+        """Every meta parameter replaced by a stride-0 one-element CPU stand-in, for tracing;
+        the meta parameters come back afterwards (tied parameters stay tied)."""
+        saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        made: dict[int, torch.nn.Parameter] = {}
+        for mname, module in self.model.named_modules():
+            for pname, param in list(module._parameters.items()):
+                if param is None or param.device.type != "meta":
+                    continue
+                if id(param) not in made:
+                    stand_in = torch.zeros((), dtype=param.dtype).expand(param.shape)
+                    made[id(param)] = torch.nn.Parameter(stand_in, requires_grad=False)
+                    self.names[id(made[id(param)])] = f"{mname}.{pname}" if mname else pname
+                saved.append((module, pname, param))
+                module._parameters[pname] = made[id(param)]
+        try:
+            yield
+        finally:
+            for module, pname, param in saved:
+                module._parameters[pname] = param
+
+    def bind(self, ir_model: Any, traced: torch.nn.Module) -> "StreamedGraph":
+        """Re-bind every parameter initializer of `ir_model` to a lazy read of its source."""
+        import onnx_ir as ir
+
+        by_path = {path: self.names[id(p)] for path, p in traced.named_parameters(remove_duplicate=False)
+                   if id(p) in self.names}
+        bound: dict[str, str] = {}
+        for name, value in ir_model.graph.initializers.items():
+            if name in by_path:
+                value.const_value = self._lazy(ir, by_path[name], value)
+                bound[name] = by_path[name]
+            elif _is_stand_in(value.const_value):
+                raise RuntimeError(f"initializer {name} holds a parameter stand-in the stream cannot name")
+        if not bound and by_path:
+            raise RuntimeError("no initializer of the exported graph matched a parameter of the traced module")
+        return StreamedGraph(ir_model, self, {k: (v, None) for k, v in bound.items()})
+
+    def fold_transposes(self, graph: "StreamedGraph") -> None:
+        """Transpose(weight) nodes become pre-transposed lazy initializers, one per (weight, perm).
+
+        The optimiser folds a Transpose of a large single-use constant by reading it: every
+        Linear weight would sit in memory, transposed, until the write (6.7 GB at the first
+        third of a 7B prefill, measured). Folding them here keeps them lazy, and also folds the
+        multi-use ones (the decision layers' q/k, used by the scoring pass too), which the
+        optimiser leaves as run-time Transposes."""
+        import onnx_ir as ir
+
+        g = graph.ir_model.graph
+        made: dict[tuple[str, tuple[int, ...]], Any] = {}
+        touched = set()
+        for node in list(g):
+            if node.domain not in ("", "ai.onnx") or node.op_type != "Transpose":
+                continue
+            x = node.inputs[0]
+            if x is None or x.name not in graph.names or graph.names[x.name][1] is not None:
+                continue
+            attr = node.attributes.get("perm")
+            rank = len(x.shape)
+            perm = tuple(int(i) for i in attr.value) if attr is not None else tuple(reversed(range(rank)))
+            key = (x.name, perm)
+            if key not in made:
+                model_name = graph.names[x.name][0]
+                shape = tuple(int(x.shape[i]) for i in perm)
+                name = f"{x.name}.T" if perm == (1, 0) else f"{x.name}.perm{''.join(map(str, perm))}"
+                value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(x.dtype))
+                value.const_value = self._lazy_transposed(ir, model_name, x, perm, name)
+                g.register_initializer(value)
+                graph.names[name] = (model_name, perm)
+                made[key] = value
+            node.outputs[0].replace_all_uses_with(made[key])
+            g.remove(node, safe=True)
+            touched.add(x.name)
+        for name in touched:  # weights now used only transposed leave the graph
+            if not g.initializers[name].uses():
+                g.initializers.pop(name)
+                graph.names.pop(name)
+
+    def _lazy_transposed(self, ir: Any, model_name: str, x: Any, perm: tuple[int, ...], name: str) -> Any:
+        base = self._lazy(ir, model_name, x)
+        shape = tuple(int(x.shape[i]) for i in perm)
+        return ir.LazyTensor(lambda: ir.tensor(base.numpy().transpose(perm).copy(), name=name),
+                             dtype=x.dtype, shape=ir.Shape(shape), name=name)
+
+    def _lazy(self, ir: Any, model_name: str, value: Any) -> Any:
+        shape = tuple(int(d) for d in value.shape)
+        dtype = _TORCH_DTYPES[value.dtype]
+
+        def read() -> Any:
+            t = self.source(model_name, shape, dtype)
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise RuntimeError(f"weight source gave {model_name} as {tuple(t.shape)} {t.dtype}, "
+                                   f"the graph wants {shape} {dtype}")
+            if self.on_tensor is not None:
+                self.on_tensor(model_name, t.numel() * t.element_size())
+            return ir.tensor(t.numpy(), name=value.name)
+
+        return ir.LazyTensor(read, dtype=value.dtype, shape=ir.Shape(shape), name=value.name)
+
+    def write_table(self, param_name: str, path: Path) -> None:
+        """A (V, D) parameter (the token embeddings) as an .npy file, rows streamed in blocks."""
+        import numpy as np
+
+        param = dict(self.model.named_parameters())[param_name]
+        values = self.source(param_name, tuple(param.shape), param.dtype)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=values.numpy().dtype, shape=tuple(param.shape))
+        step = max(1, (64 << 20) // max(1, values[0].numel() * values.element_size()))
+        for r in range(0, values.shape[0], step):
+            out[r:r + step] = values[r:r + step].numpy()
+        out.flush()
+        del out
+
+
+@dataclass
+class StreamedGraph:
+    """An exported graph whose weights are lazy; `write` optimises it and streams it to disk."""
+
+    ir_model: Any
+    stream: WeightStream
+    names: dict[str, tuple[str, tuple[int, ...] | None]]  # initializer -> (model parameter, transpose perm)
+    inline: bool = False
+
+    def write(self, path: Path, finish: Callable[[onnx.ModelProto, bool], onnx.ModelProto]) -> None:
+        import onnx_ir as ir
+        import onnxscript.optimizer
+
+        self.stream.fold_transposes(self)  # before the optimiser, which would read them to fold
+        onnxscript.optimizer.optimize_ir(self.ir_model)  # as torch.onnx's optimize=True
+        path = Path(path)
+        ir.save(self.ir_model, path, external_data=path.name + ".data", size_threshold_bytes=1024,
+                max_in_flight_bytes=IN_FLIGHT_BYTES)
+        proto = onnx.load(path, load_external_data=False)  # the graph alone: weights stay on disk
+        onnx.save_model(finish(proto, self.inline), path)
+        self.stream.written[path.name] = {t.name: self.names[t.name] for t in proto.graph.initializer
+                                          if t.name in self.names}
+
+
+def _is_stand_in(tensor: Any) -> bool:
+    raw = getattr(tensor, "raw", None)
+    return isinstance(raw, torch.Tensor) and raw.numel() > 1 and 0 in raw.stride()
+
+
+def _dtypes() -> dict[Any, torch.dtype]:
+    import onnx_ir as ir
+
+    return {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
+            ir.DataType.BFLOAT16: torch.bfloat16}
+
+
+class _LazyDtypes(dict):
+    def __missing__(self, key: Any) -> torch.dtype:
+        self.update(_dtypes())
+        if key not in self:
+            raise RuntimeError(f"streamed weights of ONNX type {key} are not supported")
+        return self[key]
+
+
+_TORCH_DTYPES = _LazyDtypes()
+
+
+def check_streamed(folder: Path, graphs: dict[str, str], stream: WeightStream, samples: int = 3) -> dict[str, Any]:
+    """What can be checked without loading the model: each graph passes onnx.checker (by
+    path, external data included) and a few weights read back from the data files equal
+    their source's values (first, middle and last streamed tensor of each graph)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    out: dict[str, Any] = {}
+    for key, fname in graphs.items():
+        path = folder / fname
+        onnx.checker.check_model(str(path))
+        proto = onnx.load(path, load_external_data=False)
+        external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        weights = [t for t in external if t.name in stream.written[fname]]  # not the graph's own constants
+        picks = sorted({0, len(weights) // 2, len(weights) - 1}) if weights else []
+        checked = []
+        for i in picks[:samples]:
+            t = weights[i]
+            onnx.external_data_helper.load_external_data_for_tensor(t, str(folder))
+            got = numpy_helper.to_array(t)
+            name, perm = stream.written[fname][t.name]
+            shape = tuple(got.shape) if perm is None else tuple(got.shape[perm.index(i)] for i in range(got.ndim))
+            want = stream.source(name, shape, _np_to_torch(got.dtype)).numpy()
+            if perm is not None:
+                want = want.transpose(perm)
+            if not np.array_equal(got, want):
+                raise RuntimeError(f"{fname}: weight {t.name} read back from disk differs from its source")
+            checked.append(t.name)
+        out[key] = {"checker": "passed", "external_tensors": len(external), "weights_read_back": checked}
+    return out
+
+
+def _np_to_torch(dtype: Any) -> torch.dtype:
+    import numpy as np
+
+    return {np.dtype("float32"): torch.float32, np.dtype("float16"): torch.float16}[np.dtype(dtype)]
