@@ -563,12 +563,17 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     add_output_args(p)
 
 
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line; the bare form `reroute-export --model M --budget B ...` is `export`."""
+    argv = list(argv)
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
+        argv = ["export", *argv]
+    return build_parser().parse_args(argv)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
-        argv = ["export", *argv]  # the bare form: reroute-export --model M --budget B --target onnx --output DIR
-    args = parser.parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -55,7 +55,19 @@ def test_streamed_export_matches_the_materialised_model(tmp_path: Path) -> None:
     for graph in ("vision", "prefill", "decode"):
         assert m["stream_check"][graph]["checker"] == "passed"
         assert m["stream_check"][graph]["weights_read_back"], graph
-        assert (out / f"{graph}.onnx.data").is_file()
+    # one weights file: the decoder's weights are stored once, prefill and decode point at them
+    assert not list(out.glob("*.onnx.data"))
+    import onnx
+
+    def places(graph: str) -> dict[str, tuple[str, str]]:
+        proto = onnx.load(out / f"{graph}.onnx", load_external_data=False)
+        return {t.name: tuple(e.value for e in t.external_data if e.key in ("location", "offset"))
+                for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+    prefill, decode = places("prefill"), places("decode")
+    shared = set(prefill) & set(decode)
+    assert "lm_head.weight" in shared and all(prefill[n] == decode[n] for n in shared)
+    assert {loc for loc, _ in prefill.values()} == {"weights.data"}
     # parity reloads the same seeded weights from the manifest's record
     assert run(["parity", "--artifact", str(out), "--max-new-tokens", "4", "--quiet"]) == 0
 

@@ -9,6 +9,8 @@ An artifact folder holds:
     embed_tokens.npy       (V, D) token embedding table, in the graphs' precision
     preprocessor/          tokenizer + image processor files (Preprocessor.save_pretrained)
     *.onnx.data            external weights, when a graph's weights pass 2 GB
+    weights.data           streamed exports (--random-weights): every graph's external weights,
+                           each shared weight stored once (prefill and decode point at the same bytes)
 
 Batch is 1 in every graph (edge deployment). Text length is a dynamic axis of the
 prefill graph, bounded by shapes.max_prompt_tokens; N and every K_s are static.

@@ -13,12 +13,16 @@ the fp16 weights on bench-llava, ~65 GB for a 7B model. Here
    its path in the traced module; each is re-bound to an `onnx_ir.LazyTensor` that asks
    the weight source for that one tensor when something reads it (the optimiser reads
    only small ones; the writer reads each once);
-4. onnxscript's optimiser runs (what torch.onnx's optimize=True runs), then
-   `onnx_ir.save` streams every tensor into `<graph>.onnx.data` with a bounded number of
-   bytes in flight; the `reroute` local functions are attached to the small proto after.
+4. onnxscript's optimiser runs (what torch.onnx's optimize=True runs), then every large
+   tensor is appended, one at a time, to ONE `weights.data` file for the whole artifact:
+   a weight the vision, prefill and decode graphs share (the decoder's, in prefill and
+   decode) is written once and every graph points at the same bytes (ONNX external data
+   with offsets, read by ONNX Runtime and TensorRT's parser alike). The `reroute` local
+   functions are attached to the small graph protos after.
 
-Peak memory is the traced program, a few tensors in flight and the sources' own
-buffers: independent of the model size (measured in BENCHMARKS.md).
+Peak memory is the traced program plus one tensor and the source's own buffers:
+independent of the model size (measured in BENCHMARKS.md). Disk: the weights once, not
+once per graph.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ import torch
 # A weight source: (parameter name in the HF model, shape, dtype) -> the tensor's values.
 Source = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
 
-IN_FLIGHT_BYTES = 256 << 20  # what onnx_ir's writer may hold at once (its default is 1 GiB)
+WEIGHTS_FILE = "weights.data"  # the artifact's one external-data file (streamed exports)
+ALIGN = 4096  # each tensor starts on a page: runtimes can map it without copying
+EXTERNAL_ABOVE = 1024  # bytes; smaller tensors stay inside the graph proto
 
 
 def random_source(model: torch.nn.Module, seed: int = 0) -> Source:
@@ -61,6 +67,7 @@ class WeightStream:
     on_tensor: Callable[[str, int], None] | None = None  # progress: (name, bytes) as each is read
     # graph file -> {initializer: (model parameter name, transpose perm or None)}
     written: dict[str, dict[str, tuple[str, tuple[int, ...] | None]]] = field(default_factory=dict)
+    placed: dict[tuple, tuple[int, int]] = field(default_factory=dict)  # tensor key -> (offset, length)
 
     @contextmanager
     def stand_ins(self) -> Iterator[None]:
@@ -162,6 +169,20 @@ class WeightStream:
 
         return ir.LazyTensor(read, dtype=value.dtype, shape=ir.Shape(shape), name=value.name)
 
+    def place(self, folder: Path, key: tuple, tensor: Any) -> tuple[int, int]:
+        """(offset, length) of `tensor` in folder/weights.data, appending it the first time
+        its key (model parameter, transpose, dtype) is seen."""
+        if key not in self.placed:
+            path = Path(folder) / WEIGHTS_FILE
+            with open(path, "ab") as f:
+                offset = f.tell()
+                pad = -offset % ALIGN
+                f.write(b"\0" * pad)
+                data = tensor.tobytes()  # a lazy tensor reads its source here, once
+                f.write(data)
+            self.placed[key] = (offset + pad, len(data))
+        return self.placed[key]
+
     def write_table(self, param_name: str, path: Path) -> None:
         """A (V, D) parameter (the token embeddings) as an .npy file, rows streamed in blocks."""
         import numpy as np
@@ -192,8 +213,16 @@ class StreamedGraph:
         self.stream.fold_transposes(self)  # before the optimiser, which would read them to fold
         onnxscript.optimizer.optimize_ir(self.ir_model)  # as torch.onnx's optimize=True
         path = Path(path)
-        ir.save(self.ir_model, path, external_data=path.name + ".data", size_threshold_bytes=1024,
-                max_in_flight_bytes=IN_FLIGHT_BYTES)
+        for value in self.ir_model.graph.initializers.values():
+            t = value.const_value
+            if t is None or t.nbytes <= EXTERNAL_ABOVE:
+                continue
+            source = self.names.get(value.name)  # a weight: shared across graphs; else this graph's constant
+            key = (*source, t.dtype) if source else (path.name, value.name, t.dtype)
+            offset, length = self.stream.place(path.parent, key, t)
+            value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, t.dtype, shape=t.shape,
+                                                  name=value.name, base_dir=str(path.parent))
+        ir.save(self.ir_model, path)  # references only: the weights are already on disk
         proto = onnx.load(path, load_external_data=False)  # the graph alone: weights stay on disk
         onnx.save_model(finish(proto, self.inline), path)
         self.stream.written[path.name] = {t.name: self.names[t.name] for t in proto.graph.initializer
