@@ -478,6 +478,15 @@ def minmax_ranges(model_path: Path, reader: _Reader, op_types: list[str], tmp: P
     return calibrator.compute_data()
 
 
+def external_files(model_path: Path) -> list[str]:
+    """The external-data files (relative names) a graph's initializers point to."""
+    import onnx
+
+    proto = onnx.load(model_path, load_external_data=False)
+    return sorted({e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                   for e in t.external_data if e.key == "location"})
+
+
 def quantize_onnxruntime(model_path: Path, reader: _Reader, nodes: list[str], recipe: Recipe, out: Path,
                          tmp: Path) -> None:
     """Int8 QDQ with onnxruntime.quantization (also the first half of fp8)."""
@@ -485,7 +494,7 @@ def quantize_onnxruntime(model_path: Path, reader: _Reader, nodes: list[str], re
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    large = model_path.with_name(model_path.name + ".data").exists()
+    large = bool(external_files(model_path))
     opts = {
         "ActivationSymmetric": bool(recipe.q("symmetric_activations")) or recipe.precision == "fp8",
         "WeightSymmetric": bool(recipe.q("symmetric_weights")) or recipe.precision == "fp8",
@@ -797,8 +806,8 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
             quant: dict[str, Any] = {}
             for role in ROLES:
                 if role not in rec.graphs:  # kept fp32, external weights too
-                    for name in (graphs[role], graphs[role] + ".data"):
-                        if (src / name).is_file():
+                    for name in (graphs[role], *external_files(src / graphs[role])):
+                        if (src / name).is_file() and not (w.path / name).exists():
                             shutil.copy2(src / name, w.path / name)
                     quant[role] = {"quantized": False}
                     continue

@@ -129,13 +129,19 @@ def graph_outputs(model: onnx.ModelProto) -> list[GraphInput]:
 
 
 def weight_bytes(folder: Path, onnx_file: str, model: onnx.ModelProto | None = None) -> int:
-    """The .onnx file plus every external-data file its initializers point to."""
+    """The .onnx file plus the external bytes its initializers point to (their `length`s, so a
+    weights file shared by several graphs counts once per graph for what that graph uses)."""
     model = model or _load_header(folder / onnx_file)
-    files = {onnx_file}
+    total = (folder / onnx_file).stat().st_size if (folder / onnx_file).is_file() else 0
+    whole: set[str] = set()
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            files |= {e.value for e in t.external_data if e.key == "location"}
-    return sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
+            entries = {e.key: e.value for e in t.external_data}
+            if "length" in entries:
+                total += int(entries["length"])
+            else:  # no length: the tensor runs to the end of its file; count the file once
+                whole.add(entries["location"])
+    return total + sum((folder / f).stat().st_size for f in whole if (folder / f).is_file())
 
 
 # ---------------------------------------------------------------- optimization profiles
