@@ -1,5 +1,5 @@
 """Streaming weights: export graphs from a model whose parameters hold no data, and write
-each weight once, from its source straight into the graph's external-data file.
+each weight once, from its source straight into the artifact's one weights file.
 
 Why: torch.onnx's ModelProto path holds the weights several times over (the torch
 parameters, the ONNX IR tensors, the serialised protobuf, the external-data copy): 4.8x
