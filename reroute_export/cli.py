@@ -305,10 +305,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.target not in ("onnx", "trt"):
         raise UserError(f"unknown target {args.target!r}; use --target onnx or --target trt")
     check_output(Path(args.output), args.force)  # refuse before minutes of work, not after
-    if args.random_weights:  # parameters on the meta device: the export streams each one to disk
-        from .export.pipeline import PRECISIONS
+    from .export.pipeline import PRECISIONS
 
+    if args.random_weights:  # parameters on the meta device: the export streams each one to disk
         loaded = load(args.model, PRECISIONS[args.precision], "meta", random_weights=True)
+    elif args.stream_weights or _too_big_to_load(args.model):
+        loaded = load(args.model, PRECISIONS[args.precision], "meta")  # weights read from the files as written
     else:
         loaded = load(args.model)
     inputs = default_inputs(loaded, args)
@@ -538,6 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _too_big_to_load(model: str) -> bool:
+    """Loading in fp32 (x2 an fp16/bf16 checkpoint) plus an export copy would pass half the free memory."""
+    from .export.pipeline import _available_bytes
+    from .registry import checkpoint_bytes
+
+    size, avail = checkpoint_bytes(model), _available_bytes()
+    if size is None or avail is None or size * 3 <= avail // 2:
+        return False
+    print(f"reroute-export: the checkpoint ({size / 2**30:.1f} GiB) would not fit in memory whole; streaming "
+          f"its weights into the artifact one tensor at a time", file=sys.stderr)
+    return True
+
+
 def add_export_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_plan_args(p)
@@ -559,6 +574,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="a registered real architecture (e.g. llava-1.5-7b) with seeded random weights, no "
                         "checkpoint needed; weights are streamed to disk one tensor at a time (memory stays "
                         "far below the model size)")
+    g.add_argument("--stream-weights", action="store_true",
+                   help="read each weight from the checkpoint's safetensors files as it is written, never loading "
+                        "the model whole (automatic when the checkpoint would not fit in half the free memory)")
     add_input_args(p)
     add_output_args(p)
 

@@ -66,6 +66,7 @@ class Loaded:
     preprocessor: "Preprocessor"
     source: str | None = None  # what loads it again: a registered name or an absolute folder path
     random_weights: bool = False  # a real architecture with seeded random weights (--random-weights)
+    checkpoint: Path | None = None  # the folder its weights come from (a streamed export reads them there)
 
 
 # ---------------------------------------------------------------- checkpoint folders
@@ -153,8 +154,9 @@ def load(model: str, dtype: "torch.dtype | None" = None, device: "str | torch.de
     """Spec, family, HF model (eval mode) and preprocessor for `model`.
 
     random_weights: a registered real architecture (llava-1.5-7b, ...) at full size with
-    seeded random weights and the offline tokenizer, built in `dtype` on `device`; device
-    "meta" builds no parameter at all (the streaming export draws them one at a time).
+    seeded random weights and the offline tokenizer, built in `dtype` on `device`.
+    device "meta": no parameter holds data (random weights or a checkpoint alike); the
+    streamed export reads or draws each weight when it writes it.
     """
     import torch
 
@@ -172,13 +174,31 @@ def load(model: str, dtype: "torch.dtype | None" = None, device: "str | torch.de
         spec = resolve_spec(model)
         family = get_family(spec.family)
         if spec.checkpoint is None:
+            if str(device) == "meta":
+                raise UserError(f"{model} is built in code with its own weights; streaming is for checkpoints "
+                                f"and --random-weights")
             return _on(replace(_load_tiny(spec, family, dtype), source=model), device)
-        return _on(replace(_load_folder(_hub_folder(spec), dtype, name=model), source=model), device)
-    return _on(replace(_load_folder(folder, dtype), source=str(folder.resolve())), device)
+        return _on(replace(_load_folder(_hub_folder(spec), dtype, model, device), source=model), device)
+    return _on(replace(_load_folder(folder, dtype, None, device), source=str(folder.resolve())), device)
+
+
+def checkpoint_bytes(model: str) -> int | None:
+    """Bytes of the weight files `load(model)` would read (None: built in code, or absent)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        spec = resolve_spec(model)
+        if spec.checkpoint is None:
+            return None
+        try:
+            folder = _hub_folder(spec)
+        except MissingCheckpoint:
+            return None
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files) or None
 
 
 def _on(loaded: Loaded, device: "str | torch.device") -> Loaded:
-    if str(device) != "cpu":
+    if str(device) not in ("cpu", "meta"):
         loaded.model.to(device)
     return loaded
 
@@ -190,7 +210,8 @@ def _load_tiny(spec: GraphSpec, family: type["Family"], dtype: "torch.dtype") ->
     return Loaded(spec, family, model.to(dtype).eval(), pre)
 
 
-def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None) -> Loaded:
+def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None,
+                 device: "str | torch.device" = "cpu") -> Loaded:
     import transformers
 
     from .preprocess import Preprocessor
@@ -198,7 +219,15 @@ def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None) ->
     family = _folder_family(folder)
     _check_weights(folder)
     cls = getattr(transformers, family.model_class)
-    model = cls.from_pretrained(folder, dtype=dtype).eval()
+    if str(device) == "meta":  # the architecture only: the streamed export reads each weight from the files
+        from .tiny import meta_parameters
+
+        if not list(folder.glob("*.safetensors")):
+            raise UserError(f"{folder}: streaming weights needs *.safetensors files (this folder has .bin only)")
+        with meta_parameters():
+            model = cls._from_config(cls.config_class.from_pretrained(folder), dtype=dtype).eval()
+    else:
+        model = cls.from_pretrained(folder, dtype=dtype).eval()
     pre = Preprocessor.from_pretrained(folder, family.name)
     spec = _spec_for_config(name or folder.name, family, model.config, pre.visual_tokens)
-    return Loaded(spec, family, model, pre)
+    return Loaded(spec, family, model, pre, checkpoint=folder.resolve())

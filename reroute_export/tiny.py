@@ -375,7 +375,7 @@ def _build(
     (`random_tensor`; the meta device draws nothing)."""
     config._attn_implementation = attn_implementation
     if where is not None:
-        with _meta_parameters():  # buffers (rotary tables) stay real, parameters allocate nothing
+        with meta_parameters():  # buffers (rotary tables) stay real, parameters allocate nothing
             model = model_cls._from_config(config, dtype=where.dtype)
         if where.device.type != "meta":
             materialize(model, lambda name, p: random_tensor(name, tuple(p.shape), where.dtype, weight_std, seed,
@@ -408,7 +408,7 @@ def _reinit(model: torch.nn.Module, seed: int, weight_std: float = WEIGHT_STD) -
 
 
 @contextmanager
-def _meta_parameters() -> Iterator[None]:
+def meta_parameters() -> Iterator[None]:
     """Every nn.Parameter registered inside lives on the meta device (no memory); buffers
     are created as usual. Like accelerate's init_empty_weights(include_buffers=False)."""
     register = torch.nn.Module.register_parameter

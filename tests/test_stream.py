@@ -78,3 +78,51 @@ def test_random_weights_take_a_registered_name(tmp_path: Path) -> None:
     tiny.save_checkpoint(model, pre, ckpt)
     with pytest.raises(UserError, match="--random-weights takes a registered model name"):
         load(str(ckpt), random_weights=True)
+
+
+# ---------------------------------------------------------------- checkpoints, read tensor by tensor
+
+
+def _checkpoint(tmp_path: Path, spec: str) -> tuple[Path, torch.nn.Module]:
+    model, pre = tiny.build(load(spec).spec)
+    folder = tmp_path / spec
+    tiny.save_checkpoint(model, pre, folder)  # transformers writes the hub layout (e.g. language_model.model.*)
+    return folder, model
+
+
+@pytest.mark.parametrize("spec", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_streamed_checkpoint_export_matches_transformers_loader(tmp_path: Path, spec: str) -> None:
+    """--stream-weights reads each weight from the safetensors files through the family's
+    key renames; the post-export check's reference is transformers' own from_pretrained."""
+    folder, _ = _checkpoint(tmp_path, spec)
+    out = tmp_path / "art"
+    assert run(["export", "--model", str(folder), "--stream-weights", "--budget", "32", "--output", str(out),
+                "--quiet"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["weights_written"] == "streamed" and m["random_weights"] is False
+    assert m["check"]["passed"] is True and m["check"]["metrics"]["decision_exact"] == 1
+    assert m["check"]["metrics"]["logits_max_abs"] < 1e-4
+
+
+def test_checkpoint_source_takes_both_key_layouts_and_names_what_is_missing(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from reroute_export.export.stream import checkpoint_source
+    from reroute_export.families.llava import Llava
+
+    folder, model = _checkpoint(tmp_path, "tiny-llava")
+    (file,) = folder.glob("*.safetensors")
+    hub = load_file(file)
+    assert any(k.startswith("language_model.model.") for k in hub)  # the llava-hf layout
+    params = dict(model.named_parameters())
+    name = "model.language_model.layers.3.mlp.up_proj.weight"
+    read = checkpoint_source(folder, model, Llava.checkpoint_renames)
+    assert torch.equal(read(name, tuple(params[name].shape), torch.float32), params[name].detach())
+    # the module layout (keys as named_parameters) passes through unchanged
+    save_file({n: p.detach().contiguous() for n, p in params.items()}, file, metadata={"format": "pt"})
+    read = checkpoint_source(folder, model, Llava.checkpoint_renames)
+    assert torch.equal(read(name, tuple(params[name].shape), torch.float32), params[name].detach())
+    # a missing weight is named before any work
+    save_file({n: p.detach().contiguous() for n, p in params.items() if n != name}, file, metadata={"format": "pt"})
+    with pytest.raises(UserError, match="lacks 1 of the model's weights.*up_proj"):
+        checkpoint_source(folder, model, Llava.checkpoint_renames)

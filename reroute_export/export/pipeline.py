@@ -30,7 +30,7 @@ from . import contract as C
 from .artifact import ArtifactWriter
 from ..rewrite.precision import keep_layers_fp32
 from .decoder import DecoderExample, export_decode, export_prefill, save
-from .stream import WeightStream, check_streamed, is_streamed, random_source
+from .stream import WeightStream, check_streamed, checkpoint_source, is_streamed, random_source
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -106,7 +106,7 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
     model = loaded.model if same and not opts.fp32_layers else copy.deepcopy(loaded.model).to(dtype)
     if opts.fp32_layers and dtype != torch.float32:
         keep_layers_fp32(model, loaded.family, opts.fp32_layers)
-    stream = _stream_for(model, steps)
+    stream = _stream_for(loaded, model, steps)
     grid = tuple(int(x) for x in inputs.image_grid_thw[0]) if inputs.image_grid_thw is not None else None
     sh = shapes(loaded, plan, opts)
     with steps.step("vision graph"):
@@ -143,9 +143,9 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
     }, stream
 
 
-def _stream_for(model: torch.nn.Module, steps: Steps) -> WeightStream | None:
-    """A weight stream when the model's parameters are data-free (--random-weights), with a
-    progress note every GiB read."""
+def _stream_for(loaded: Loaded, model: torch.nn.Module, steps: Steps) -> WeightStream | None:
+    """A weight stream when the model's parameters are data-free: drawn (--random-weights)
+    or read from the checkpoint's safetensors files; a progress note every GiB."""
     if not is_streamed(model):
         return None
     done = [0, 0]
@@ -156,25 +156,32 @@ def _stream_for(model: torch.nn.Module, steps: Steps) -> WeightStream | None:
             done[1] = done[0]
             steps.note(f"weights streamed: {done[0] / 2**30:.1f} GiB")
 
-    return WeightStream(model, random_source(model), on_tensor=tick)
+    if loaded.random_weights:
+        source = random_source(model)
+    elif loaded.checkpoint is not None:
+        source = checkpoint_source(loaded.checkpoint, model, loaded.family.checkpoint_renames)
+    else:
+        raise ValueError("a data-free model needs --random-weights or a checkpoint folder")
+    return WeightStream(model, source, on_tensor=tick)
 
 
 def reference_for_check(loaded: Loaded) -> tuple[Loaded | None, str | None]:
     """The eager fp32 reference of the post-export check: the loaded model itself, or for a
-    streamed (--random-weights) export the same weights materialised on the CPU when the
+    streamed export (random weights or a checkpoint read tensor by tensor) the same weights
+    loaded whole on the CPU, by transformers' own loader for a checkpoint, when the
     reference and the ONNX Runtime sessions fit in half the available memory."""
     if not is_streamed(loaded.model):
         return loaded, None
     from ..registry import load
 
-    params = sum(p.numel() for p in loaded.model.parameters())
+    params = sum(p.numel() for p in loaded.model.parameters())  # tied ones once
     need = params * (4 + 2 * 2)  # fp32 reference + prefill and decode sessions at 2 bytes/weight
     avail = _available_bytes()
     if avail is not None and need > avail // 2:
         return None, (f"skipped: the check needs ~{need / 2**30:.0f} GiB (fp32 reference + ONNX Runtime "
                       f"sessions), {avail / 2**30:.0f} GiB available; run `reroute-export parity --artifact "
                       f"DIR` on a machine with more memory")
-    ref = load(loaded.source or loaded.spec.name, torch.float32, "cpu", random_weights=True)
+    ref = load(loaded.source or loaded.spec.name, torch.float32, "cpu", random_weights=loaded.random_weights)
     return replace(loaded, model=ref.model), None
 
 

@@ -6,7 +6,10 @@ parameters, the ONNX IR tensors, the serialised protobuf, the external-data copy
 the fp16 weights on bench-llava, ~65 GB for a 7B model. Here
 
 1. the model is built with its parameters on the meta device (`tiny.build_random(...,
-   "meta")`): no weight exists in memory;
+   "meta")` for --random-weights, `registry.load(folder, dtype, "meta")` for a checkpoint):
+   no weight exists in memory; a *source* gives one weight on request (`random_source`
+   draws it from a seed and its name, `checkpoint_source` reads it from the safetensors
+   files through the family's key renames);
 2. while tracing, each parameter is a one-element stand-in expanded to its shape (stride
    0, real CPU memory, so buffers and inputs stay on one device);
 3. the exported, not yet optimised, ONNX IR has one initializer per parameter, named by
@@ -50,6 +53,49 @@ def random_source(model: torch.nn.Module, seed: int = 0) -> Source:
 
     std = float(model.config.random_weight_std)
     return lambda name, shape, dtype: random_tensor(name, shape, dtype, std, seed, "cpu")
+
+
+def checkpoint_source(folder: Path, model: torch.nn.Module, renames: tuple[tuple[str, str], ...]) -> Source:
+    """Weights read one at a time from a checkpoint's *.safetensors files (memory-mapped by
+    safetensors), found by the family's key renames; fails up front, naming them, when
+    the checkpoint lacks a parameter of the model."""
+    import re
+
+    from safetensors import safe_open
+
+    from ..errors import UserError
+
+    where: dict[str, tuple[Path, str]] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                name = key
+                for pattern, repl in renames:
+                    name, hits = re.subn(pattern, repl, key, count=1)
+                    if hits:
+                        break
+                where[name] = (file, key)
+    params = dict(model.named_parameters())  # tied parameters once, under their first name
+    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
+        getattr(model.config, "text_config", None), "tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in where:
+        embed = next((n for n in where if n.endswith("embed_tokens.weight")), None)
+        if embed is not None:
+            where["lm_head.weight"] = where[embed]
+    missing = [n for n in params if n not in where]
+    if missing:
+        raise UserError(f"{folder}: the checkpoint lacks {len(missing)} of the model's weights "
+                        f"(first: {', '.join(missing[:3])})")
+
+    def read(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        file, key = where[name]
+        with safe_open(str(file), framework="pt") as f:
+            t = f.get_tensor(key)
+        if tuple(t.shape) != shape:
+            raise UserError(f"{file.name}: {key} has shape {tuple(t.shape)}, the model wants {shape}")
+        return t.to(dtype)
+
+    return read
 
 
 def is_streamed(model: torch.nn.Module) -> bool:

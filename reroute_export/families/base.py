@@ -21,6 +21,11 @@ class Family:
     reference_spec: ClassVar[str]  # graphs/ entry whose schedules a local checkpoint inherits
     tiny_spec: ClassVar[str]  # graphs/ entry of the family's tiny random model
     position_dims: ClassVar[int]  # 1: (B, L) position ids; 3: (3, B, L) mRoPE
+    # Checkpoint key -> module parameter name, for checkpoints saved before transformers 5
+    # moved the decoder under model.language_model (applied in order, first match wins;
+    # keys already in the module layout match none). Used by the streamed export, which
+    # reads each weight straight from the safetensors files.
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     # -- model anatomy
     @staticmethod

@@ -19,6 +19,12 @@ class Llava(Family):
     reference_spec = "llava-1.5-7b"
     tiny_spec = "tiny-llava"
     position_dims = 1
+    checkpoint_renames = (  # llava-hf/llava-1.5-*-hf layout
+        (r"^language_model\.lm_head\.", "lm_head."),
+        (r"^language_model\.model\.", "model.language_model."),
+        (r"^vision_tower\.", "model.vision_tower."),
+        (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    )
 
     @staticmethod
     def image_token_id(model: nn.Module) -> int:

@@ -19,6 +19,10 @@ class Qwen25VL(Family):
     reference_spec = "qwen2.5-vl-7b"
     tiny_spec = "tiny-qwen2.5-vl"
     position_dims = 3
+    checkpoint_renames = (  # Qwen/Qwen2.5-VL-*-Instruct layout
+        (r"^visual\.", "model.visual."),
+        (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+    )
 
     @classmethod
     def image_features(cls, model: nn.Module, inputs: Any) -> torch.Tensor:
