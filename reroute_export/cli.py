@@ -542,10 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _too_big_to_load(model: str) -> bool:
     """Loading in fp32 (x2 an fp16/bf16 checkpoint) plus an export copy would pass half the free memory."""
-    from .export.pipeline import _available_bytes
+    from .export.pipeline import available_bytes
     from .registry import checkpoint_bytes
 
-    size, avail = checkpoint_bytes(model), _available_bytes()
+    size, avail = checkpoint_bytes(model), available_bytes()
     if size is None or avail is None or size * 3 <= avail // 2:
         return False
     print(f"reroute-export: the checkpoint ({size / 2**30:.1f} GiB) would not fit in memory whole; streaming "

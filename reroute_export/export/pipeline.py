@@ -176,7 +176,7 @@ def reference_for_check(loaded: Loaded) -> tuple[Loaded | None, str | None]:
 
     params = sum(p.numel() for p in loaded.model.parameters())  # tied ones once
     need = params * (4 + 2 * 2)  # fp32 reference + prefill and decode sessions at 2 bytes/weight
-    avail = _available_bytes()
+    avail = available_bytes()
     if avail is not None and need > avail // 2:
         return None, (f"skipped: the check needs ~{need / 2**30:.0f} GiB (fp32 reference + ONNX Runtime "
                       f"sessions), {avail / 2**30:.0f} GiB available; run `reroute-export parity --artifact "
@@ -185,7 +185,7 @@ def reference_for_check(loaded: Loaded) -> tuple[Loaded | None, str | None]:
     return replace(loaded, model=ref.model), None
 
 
-def _available_bytes() -> int | None:
+def available_bytes() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
