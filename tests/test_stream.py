@@ -90,7 +90,7 @@ def _checkpoint(tmp_path: Path, spec: str) -> tuple[Path, torch.nn.Module]:
     return folder, model
 
 
-@pytest.mark.parametrize("spec", ["tiny-llava", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("spec", ["tiny-qwen2.5-vl"])  # llava's renames: the unit test below
 def test_streamed_checkpoint_export_matches_transformers_loader(tmp_path: Path, spec: str) -> None:
     """--stream-weights reads each weight from the safetensors files through the family's
     key renames; the post-export check's reference is transformers' own from_pretrained."""
