@@ -70,6 +70,18 @@ def test_streamed_export_matches_the_materialised_model(tmp_path: Path) -> None:
     assert {loc for loc, _ in prefill.values()} == {"weights.data"}
     # parity reloads the same seeded weights from the manifest's record
     assert run(["parity", "--artifact", str(out), "--max-new-tokens", "4", "--quiet"]) == 0
+    from reroute_export.inspect_artifact import format_report, inspect
+
+    text = format_report(inspect(out))
+    assert "weights: seeded random (--random-weights), streamed into one shared weights.data" in text
+    assert "post-export check: passed" in text
+
+
+def test_inspect_reports_a_skipped_check_as_skipped() -> None:
+    from reroute_export.inspect_artifact import _check_summary
+
+    c = _check_summary({"passed": None, "skipped": "skipped: the check needs ~53 GiB"})
+    assert c["passed"] is None and c["skipped"].startswith("skipped:")
 
 
 def test_random_weights_take_a_registered_name(tmp_path: Path) -> None:
