@@ -309,7 +309,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.random_weights:  # parameters on the meta device: the export streams each one to disk
         loaded = load(args.model, PRECISIONS[args.precision], "meta", random_weights=True)
-    elif args.stream_weights or _too_big_to_load(args.model):
+    elif args.stream_weights or (size := _too_big_to_load(args.model)):
+        if not args.stream_weights:
+            print(f"reroute-export: the checkpoint ({size / 2**30:.1f} GiB) would not fit in memory whole; "
+                  f"streaming its weights into the artifact one tensor at a time", file=sys.stderr)
         loaded = load(args.model, PRECISIONS[args.precision], "meta")  # weights read from the files as written
     else:
         loaded = load(args.model)
@@ -540,17 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _too_big_to_load(model: str) -> bool:
-    """Loading in fp32 (x2 an fp16/bf16 checkpoint) plus an export copy would pass half the free memory."""
+def _too_big_to_load(model: str) -> int:
+    """The checkpoint's bytes when loading it in fp32 (x2 an fp16/bf16 checkpoint) plus an export
+    copy would pass half the free memory, else 0."""
     from .export.pipeline import available_bytes
     from .registry import checkpoint_bytes
 
     size, avail = checkpoint_bytes(model), available_bytes()
-    if size is None or avail is None or size * 3 <= avail // 2:
-        return False
-    print(f"reroute-export: the checkpoint ({size / 2**30:.1f} GiB) would not fit in memory whole; streaming "
-          f"its weights into the artifact one tensor at a time", file=sys.stderr)
-    return True
+    return 0 if size is None or avail is None or size * 3 <= avail // 2 else size
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:

@@ -398,13 +398,17 @@ def _reinit(model: torch.nn.Module, seed: int, weight_std: float = WEIGHT_STD) -
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            if param.ndim >= 2:
-                param.copy_(noise * weight_std)
-            elif _is_norm_scale(name):
-                param.copy_(1.0 + noise * BIAS_STD)
-            else:
-                param.copy_(noise * BIAS_STD)
+            param.copy_(_weight_from_noise(name, torch.randn(param.shape, generator=gen, dtype=torch.float32),
+                                           weight_std))
+
+
+def _weight_from_noise(name: str, noise: torch.Tensor, weight_std: float) -> torch.Tensor:
+    """Standard normal noise -> a parameter's value, by what the parameter is."""
+    if noise.ndim >= 2:
+        return noise * weight_std
+    if _is_norm_scale(name):
+        return 1.0 + noise * BIAS_STD
+    return noise * BIAS_STD
 
 
 @contextmanager
@@ -450,13 +454,7 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, weight_
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     noise = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
-    if len(shape) >= 2:
-        noise *= weight_std
-    elif _is_norm_scale(name):
-        noise = noise.mul_(BIAS_STD).add_(1.0)
-    else:
-        noise *= BIAS_STD
-    return noise.to(dtype)
+    return _weight_from_noise(name, noise, weight_std).to(dtype)
 
 
 def _is_norm_scale(name: str) -> bool:

@@ -202,7 +202,7 @@ class WeightStream:
 
     def _lazy(self, ir: Any, model_name: str, value: Any) -> Any:
         shape = tuple(int(d) for d in value.shape)
-        dtype = _TORCH_DTYPES[value.dtype]
+        dtype = _torch_dtype(value.dtype)
 
         def read() -> Any:
             t = self.source(model_name, shape, dtype)
@@ -230,17 +230,11 @@ class WeightStream:
         return self.placed[key]
 
     def write_table(self, param_name: str, path: Path) -> None:
-        """A (V, D) parameter (the token embeddings) as an .npy file, rows streamed in blocks."""
+        """A (V, D) parameter (the token embeddings) as an .npy file: one tensor in memory."""
         import numpy as np
 
         param = dict(self.model.named_parameters())[param_name]
-        values = self.source(param_name, tuple(param.shape), param.dtype)
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=values.numpy().dtype, shape=tuple(param.shape))
-        step = max(1, (64 << 20) // max(1, values[0].numel() * values.element_size()))
-        for r in range(0, values.shape[0], step):
-            out[r:r + step] = values[r:r + step].numpy()
-        out.flush()
-        del out
+        np.save(path, self.source(param_name, tuple(param.shape), param.dtype).numpy())
 
 
 @dataclass
@@ -280,22 +274,15 @@ def _is_stand_in(tensor: Any) -> bool:
     return isinstance(raw, torch.Tensor) and raw.numel() > 1 and 0 in raw.stride()
 
 
-def _dtypes() -> dict[Any, torch.dtype]:
+def _torch_dtype(ir_dtype: Any) -> torch.dtype:
+    """An ONNX IR element type as torch's (the float types a weight can have)."""
     import onnx_ir as ir
 
-    return {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
-            ir.DataType.BFLOAT16: torch.bfloat16}
-
-
-class _LazyDtypes(dict):
-    def __missing__(self, key: Any) -> torch.dtype:
-        self.update(_dtypes())
-        if key not in self:
-            raise RuntimeError(f"streamed weights of ONNX type {key} are not supported")
-        return self[key]
-
-
-_TORCH_DTYPES = _LazyDtypes()
+    known = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
+             ir.DataType.BFLOAT16: torch.bfloat16}
+    if ir_dtype not in known:
+        raise RuntimeError(f"streamed weights of ONNX type {ir_dtype} are not supported")
+    return known[ir_dtype]
 
 
 def check_streamed(folder: Path, graphs: dict[str, str], stream: WeightStream, samples: int = 3) -> dict[str, Any]:
@@ -320,7 +307,8 @@ def check_streamed(folder: Path, graphs: dict[str, str], stream: WeightStream, s
             got = numpy_helper.to_array(t)
             name, perm = stream.written[fname][t.name]
             shape = tuple(got.shape) if perm is None else tuple(got.shape[perm.index(i)] for i in range(got.ndim))
-            want = stream.source(name, shape, _np_to_torch(got.dtype)).numpy()
+            dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}[got.dtype]
+            want = stream.source(name, shape, dtype).numpy()
             if perm is not None:
                 want = want.transpose(perm)
             if not np.array_equal(got, want):
@@ -328,9 +316,3 @@ def check_streamed(folder: Path, graphs: dict[str, str], stream: WeightStream, s
             checked.append(t.name)
         out[key] = {"checker": "passed", "external_tensors": len(external), "weights_read_back": checked}
     return out
-
-
-def _np_to_torch(dtype: Any) -> torch.dtype:
-    import numpy as np
-
-    return {np.dtype("float32"): torch.float32, np.dtype("float16"): torch.float16}[np.dtype(dtype)]
