@@ -870,7 +870,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = []
     for backend, e in summary["per_backend"].items():
         if "reroute_speedup_vs_none" in e:
-            lines.append(f"{backend}: reroute prefill {e['reroute_speedup_vs_none']:.2f}x faster than none; "
+            lines.append(f"{backend}: reroute prefill {speed_text(e['reroute_speedup_vs_none'])} than none; "
                          f"theoretical {e['theoretical_speedup']:.2f}x -> {e['fraction_of_theoretical']:.2f} of it "
                          f"(target >= {t['fraction_of_theoretical']}: {_met(e['fraction_of_theoretical_met'])})")
         if "reroute_over_pdrop" in e:
@@ -885,6 +885,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"reroute prefill, torch eager / onnxruntime = {summary['onnxruntime_over_torch']:.2f}x "
                      f"(target >= {t['onnxruntime_over_torch']}: {_met(summary['onnxruntime_over_torch_met'])})")
     return lines
+
+
+def speed_text(speedup: float) -> str:
+    """none's time over ours as words that are true either way: 1.82x faster, or 1.82x slower
+    (a 0.55x "speedup" is a slowdown, and "0.55x faster" says the opposite)."""
+    if speedup >= 1:
+        return f"{speedup:.2f}x faster"
+    return f"{1 / speedup:.2f}x slower"  # both times are measured, so speedup > 0
 
 
 def _agree_text(pair: str, e: dict[str, Any]) -> str:

@@ -86,6 +86,7 @@ from .errors import UserError
 from .export import contract as C
 from .export import onnx_ops
 from .export.artifact import ArtifactWriter, read_manifest, sha256_file
+from .paths import shipped_dir, shown_dir
 from .progress import Steps
 
 PRECISIONS = ("int8", "fp8")
@@ -103,9 +104,10 @@ _CALIBRATION_MANIFEST = "manifest.json"
 
 
 def calibration_dir() -> Path:
-    """The calibration set: $REROUTE_EXPORT_CALIBRATION, else `calibration/` of this checkout."""
+    """The calibration set: $REROUTE_EXPORT_CALIBRATION, else the shipped `calibration/`
+    (the checkout's, or the wheel's copy inside the package: paths.shipped_dir)."""
     env = os.environ.get(CALIBRATION_ENV)
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "calibration"
+    return Path(env) if env else shipped_dir("calibration")
 
 
 @dataclass(frozen=True)
@@ -942,7 +944,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not parity.get("measured"):
         import sys
 
-        print(f"reroute-export: calibrate: wrote {args.output}/ but could not measure its parity: {parity['reason']}",
+        print(f"reroute-export: calibrate: wrote {shown_dir(args.output)} but could not measure its parity: {parity['reason']}",
               file=sys.stderr)
         return 1
     return 0 if parity["passed"] else 1
@@ -951,7 +953,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def print_summary(manifest: dict[str, Any], output: str | Path) -> None:
     q = manifest["quantization"]
     n = sum(g.get("quantized_nodes", 0) for g in q["graphs"].values())
-    print(f"wrote {output}/ ({manifest['model']}, {manifest['precision']} QDQ via {q['library']} {q['version']}, "
+    print(f"wrote {shown_dir(output)} ({manifest['model']}, {manifest['precision']} QDQ via {q['library']} {q['version']}, "
           f"{n} MatMul/Gemm quantized, {len(q['calibration']['samples'])} calibration samples, routing active)")
     p = manifest["calibration_parity"]
     if not p.get("measured"):

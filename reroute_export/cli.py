@@ -3,20 +3,46 @@
 Exit codes: 0 success; 1 a check failed; 2 could not run (bad input, missing
 checkpoint: one line on stderr, no traceback); 3 `--target trt` wrote the ONNX artifact
 and its TensorRT build plan but built no engine here (no TensorRT/GPU, or a Jetson
-target); 130 interrupted.
+target); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM; 129 SIGHUP), cleaned up like Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import signal
 import sys
-from typing import Any, Callable, Sequence
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from . import __version__
 from .errors import UserError
+from .paths import shown_dir
 
 # ---------------------------------------------------------------- argument groups
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: no usage dump (`--help` has it), and a bad
+    number says what was expected. Subparsers are made of this class too (argparse uses
+    the parent's class), so every subcommand's flags behave alike."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"reroute-export: error: {_plain_error(message)}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+_TYPE_ERROR = re.compile(r"invalid (int|float) value: (.*)$")
+
+
+def _plain_error(message: str) -> str:
+    """argparse's "invalid float value: 'abc'" as "expected a number, got 'abc'"."""
+    m = _TYPE_ERROR.search(message)
+    if m is None:
+        return message
+    return f"{message[:m.start()]}expected {'an integer' if m[1] == 'int' else 'a number'}, got {m[2]}"
 
 
 def _ints(text: str) -> list[int]:
@@ -106,10 +132,19 @@ def emit_json(path: str, payload: dict[str, Any]) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .spec import known_specs
+    from .tiny import parameter_count
 
-    rows = [{"model": s.name, "family": s.family, "layers": s.text.num_layers, "visual tokens": s.vision.visual_tokens,
-             "checkpoint": s.checkpoint or "built in code"} for s in known_specs().values()]
-    print(table(rows, ["model", "family", "layers", "visual tokens", "checkpoint"]))
+    # parameters: the architecture built on the meta device (a checkpoint's from its published config)
+    models = [{"name": s.name, "family": s.family, "checkpoint": s.checkpoint, "layers": s.text.num_layers,
+               "visual_tokens": s.vision.visual_tokens, "parameters": parameter_count(s)}
+              for s in known_specs().values()]
+    if args.json:
+        emit_json(args.json, {"models": models})
+    if not args.quiet and args.json != "-":
+        rows = [{"model": m["name"], "family": m["family"], "layers": m["layers"],
+                 "visual tokens": m["visual_tokens"], "params": f"{m['parameters']:,}",
+                 "checkpoint": m["checkpoint"] or "built in code"} for m in models]
+        print(table(rows, ["model", "family", "layers", "visual tokens", "params", "checkpoint"]))
     return 0
 
 
@@ -168,7 +203,7 @@ def load_inputs(loaded: Any, args: argparse.Namespace) -> Any:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .trace import run_trace, spec_for_inputs, visual_token_count
+    from .trace import check_positions, for_inputs, run_trace
 
     if args.max_new_tokens < 0:
         raise UserError("--max-new-tokens must be >= 0")
@@ -179,14 +214,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.artifact:
         art = load_artifact(args)
         result = art.trace(artifact_inputs(art, args), args.max_new_tokens)
-        name = f"{art.manifest['model']} (artifact {args.artifact}, {art.manifest['precision']})"
+        name = f"{art.manifest['model']} (artifact {shown_dir(args.artifact)}, {art.manifest['precision']})"
         family, thw = art.family, art.manifest.get("image_grid_thw")
     else:
         from .registry import load
 
         loaded = load(args.model)
         inputs = load_inputs(loaded, args)
-        loaded = spec_for_inputs(loaded, visual_token_count(loaded, inputs))
+        check_positions(loaded, inputs, args.max_new_tokens)
+        loaded = for_inputs(loaded, inputs)
         result = run_trace(loaded, plan_from_args(loaded.spec, args), inputs, args.max_new_tokens)
         name = loaded.spec.name
         family, thw = loaded.family.name, inputs.image_grid_thw
@@ -246,22 +282,50 @@ def load_artifact(args: argparse.Namespace) -> Any:
     art = runtime_class(getattr(args, "runtime", "onnxruntime")).load(Path(args.artifact))
     given = [f for f in PLAN_FLAGS if getattr(args, f, None) is not None]
     method = getattr(args, "method", None)
-    if given or method not in (None, art.plan.method):
-        from dataclasses import replace
-
-        from .registry import resolve_spec
-
-        try:
-            spec = resolve_spec(art.manifest["model"])
-        except UserError:
-            raise UserError(f"the artifact's model {art.manifest['model']!r} is not registered here, so plan flags "
-                            f"cannot be checked; drop them (its plan: {art.plan.describe()})") from None
-        spec = replace(spec, vision=replace(spec.vision, visual_tokens=art.plan.visual_tokens))
-        asked = plan_from_args(spec, args)
+    if method not in (None, art.plan.method):
+        raise UserError(f"--method {method} asks for {method}; the artifact was exported for "
+                        f"{art.plan.describe()}: drop the plan flags or export that plan")
+    if given:
+        asked = plan_from_args(artifact_spec(art.manifest, art.plan), args)
         if not asked.same_routing(art.plan):
-            raise UserError(f"the artifact was exported for {art.plan.describe()}; the flags ask for "
-                            f"{asked.describe()}: drop the plan flags or export that plan")
+            raise UserError(f"{plan_difference(args, asked, art.plan)}; the artifact was exported for "
+                            f"{art.plan.describe()}: drop the plan flags or export that plan")
     return art
+
+
+def artifact_spec(manifest: dict[str, Any], plan: Any) -> Any:
+    """The spec the artifact's plan was made on, as its manifest records it (schedules, depth,
+    N): a checkpoint folder's artifact needs no registry. Older manifests: the registered spec."""
+    from dataclasses import replace
+
+    from .spec import known_specs, spec_from_dict
+
+    if "spec" in manifest:
+        spec = spec_from_dict(manifest["spec"])
+    elif manifest["model"] in known_specs():
+        spec = known_specs()[manifest["model"]]
+    else:
+        raise UserError(f"the artifact's manifest records no spec (exported by an older reroute-export) and its "
+                        f"model {manifest['model']!r} is not registered here, so plan flags cannot be checked; "
+                        f"drop them (its plan: {plan.describe()}) or re-export it")
+    return replace(spec, text=replace(spec.text, num_layers=plan.num_layers),
+                   vision=replace(spec.vision, visual_tokens=plan.visual_tokens))
+
+
+def plan_difference(args: argparse.Namespace, asked: Any, have: Any) -> str:
+    """The plan flag that asks for other routing than the artifact's, and what it asks."""
+    if asked.decision_layers != have.decision_layers and args.drop_layers is not None:
+        culprits = ["drop_layers"]
+    else:  # the keep counts differ, or the layers came from a schedule (--budget/--schedule)
+        culprits = [f for f in PLAN_FLAGS if f != "drop_layers" and getattr(args, f, None) is not None]
+    flags = " ".join(f"--{f.replace('_', '-')} {_flag_value(getattr(args, f))}" for f in culprits)
+    return f"{flags} asks K={[s.keep for s in asked.stages]} at layers {list(asked.decision_layers)}"
+
+
+def _flag_value(value: Any) -> str:
+    """A plan flag's value as typed: 0.5,0.25 / 2,4,6 / 32."""
+    items = value if isinstance(value, list) else [value]
+    return ",".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in items)
 
 
 def artifact_inputs(art: Any, args: argparse.Namespace) -> Any:
@@ -298,7 +362,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.pipeline import ExportOptions, export_artifact
     from .export.artifact import check_output
     from .registry import load
-    from .trace import spec_for_inputs, visual_token_count
+    from .trace import for_inputs
 
     if args.output is None:
         raise UserError("--output DIR is required")
@@ -319,7 +383,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     inputs = default_inputs(loaded, args)
     if inputs.input_ids.shape[0] != 1:
         raise UserError("export takes one sample input (batch 1)")
-    loaded = spec_for_inputs(loaded, visual_token_count(loaded, inputs))
+    loaded = for_inputs(loaded, inputs)  # N and the Qwen grid from the sample, not a default
     plan = plan_from_args(loaded.spec, args)
     opts = ExportOptions(precision=args.precision, max_prompt_tokens=args.max_prompt_tokens,
                          max_new_tokens=args.max_new_tokens, inline_functions=args.inline_functions,
@@ -338,7 +402,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(args.json, result.manifest)
     if not args.quiet and args.json != "-":
-        print(f"wrote {result.path}/ ({loaded.spec.name}, {plan.method}, avg visual tokens/layer "
+        print(f"wrote {shown_dir(result.path)} ({loaded.spec.name}, {plan.method}, avg visual tokens/layer "
               f"{plan.avg_visual_tokens:.2f}, {args.precision})")
         if check:
             print_check(check)
@@ -372,7 +436,8 @@ def fp32_layers(args: argparse.Namespace, num_layers: int) -> tuple[int, ...]:
 
 
 def print_trt(rec: dict[str, Any], path: Any) -> None:
-    mem = rec["memory"]
+    from .build.trt import memory_text
+
     for warning in rec.get("warnings", []):
         print(f"warning: {warning}")
     if rec["built"]:
@@ -383,10 +448,10 @@ def print_trt(rec: dict[str, Any], path: Any) -> None:
         print(f"TensorRT build FAILED: {rec['reason']}: {rec['error']}")
         return
     print(f"no TensorRT engine was built: {rec['reason']}.")
-    print(f"to build for {rec['device']} (TensorRT {rec['trt_version']}), copy {path}/ to the device and run "
-          f"`bash {path}/build_trt.sh` (plan: {path}/build_plan.json). Estimated memory: build peak "
-          f"{mem['build_peak_gib']:.2f} GiB, running {mem['run_gib']:.2f} GiB "
-          f"(KV cache at maximum lengths {mem['kv_cache_gib']:.3f} GiB).")
+    folder = shown_dir(path)
+    print(f"to build for {rec['device']} (TensorRT {rec['trt_version']}), copy {folder} to the device and run "
+          f"`bash {folder}build_trt.sh` (plan: {folder}build_plan.json). Estimated memory: "
+          f"{memory_text(rec['memory'])}.")
 
 
 def print_check(check: dict[str, Any]) -> None:
@@ -472,14 +537,15 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="reroute-export",
         description="Export VLMs with in-decoder Reroute visual-token routing.",
     )
     parser.add_argument("--version", action="version", version=f"reroute-export {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list registered models")
+    p = sub.add_parser("models", help="list registered models (family, checkpoint, layers, visual tokens, parameters)")
+    add_output_args(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("plan", help="keep counts, FLOPs and KV cache for a routing budget (no weights needed)")
@@ -545,10 +611,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _too_big_to_load(model: str) -> int:
     """The checkpoint's bytes when loading it in fp32 (x2 an fp16/bf16 checkpoint) plus an export
-    copy would pass half the free memory, else 0."""
+    copy would pass half the free memory, else 0. Also 0 for a .bin-only checkpoint, which
+    cannot stream: it loads whole where it fits, and `load` refuses it in one line where not."""
     from .export.pipeline import available_bytes
-    from .registry import checkpoint_bytes
+    from .registry import checkpoint_bytes, checkpoint_folder
 
+    folder = checkpoint_folder(model)
+    if folder is None or not any(folder.glob("*.safetensors")):
+        return 0
     size, avail = checkpoint_bytes(model), available_bytes()
     return 0 if size is None or avail is None or size * 3 <= avail // 2 else size
 
@@ -599,12 +669,44 @@ def run(argv: Sequence[str] | None = None) -> int:
     return func(args)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) raised as an exception: it unwinds like Ctrl-C, so `finally` blocks
+    and the artifact writer's cleanup run; the default action kills with neither and leaves
+    `.OUT.tmp-PID-*` behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_unwind() -> Iterator[None]:
+    def raise_terminated(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second one kills at once: a stuck cleanup stays killable
+        raise Terminated(signum)
+
+    installed: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:  # keep nohup's SIG_IGN
+                installed[signum] = signal.signal(signum, raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run(argv)
+        with _signals_unwind():
+            return run(argv)
     except UserError as e:
         print(f"reroute-export: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated as e:
+        print(f"reroute-export: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("reroute-export: interrupted", file=sys.stderr)
         return 130

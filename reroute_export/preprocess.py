@@ -14,6 +14,7 @@ photographs (`sample_path`, `samples`).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, fields
@@ -77,17 +78,29 @@ class VLInputs:
 # ----------------------------------------------------------------------------- images
 
 
+# The models resize to at most 672 px a side, so a JPEG is decoded at 1/2, 1/4 or 1/8 scale
+# (libjpeg's DCT scaling: no full-size image in memory) down to no less than twice that; the
+# processor's own resize does the rest. Other formats cannot decode at reduced scale.
+DRAFT_SIDE = 1344
+MAX_DECODED_PIXELS = 89_478_485  # Pillow's own bomb threshold, ~256 MiB as RGB: the most we decode
+
+
 def load_image(path: str | Path) -> PIL.Image.Image:
     """Open an image file as RGB (EXIF orientation applied, as transformers' `load_image` does).
 
-    Raises `UserError` with a one-line message instead of PIL's varied exceptions, so the
-    CLI can report a bad `--image` without a traceback.
+    Raises `UserError` with a one-line message instead of PIL's varied exceptions (and its
+    DecompressionBombWarning), so the CLI can report a bad `--image` without a traceback.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--image {path} is a folder, not an image file")
     if not path.is_file():
         raise UserError(f"image not found: {path}")
     try:
-        with PIL.Image.open(path) as image:
+        with _own_size_limit(), PIL.Image.open(path) as image:
+            full = image.size
+            image.draft(image.mode, (DRAFT_SIDE, DRAFT_SIDE))  # JPEG only; a no-op for other formats
+            _check_decoded_size(path, image, full)
             image.load()
             image = PIL.ImageOps.exif_transpose(image)
             return image.convert("RGB")
@@ -95,14 +108,42 @@ def load_image(path: str | Path) -> PIL.Image.Image:
         raise UserError(f"not an image or corrupt: {path}") from exc
 
 
-def fixed_image_size(max_pixels: int, factor: int) -> tuple[int, int]:
+class _own_size_limit:
+    """Pillow's bomb check off while opening: it warns (or refuses, above 2x) on the full
+    size, before `draft` can make the decode small; `_check_decoded_size` judges instead."""
+
+    def __enter__(self) -> None:
+        self.saved, PIL.Image.MAX_IMAGE_PIXELS = PIL.Image.MAX_IMAGE_PIXELS, None
+
+    def __exit__(self, *exc: object) -> None:
+        PIL.Image.MAX_IMAGE_PIXELS = self.saved
+
+
+def _check_decoded_size(path: Path, image: PIL.Image.Image, full: tuple[int, int]) -> None:
+    """Refuse an image whose decode (after any JPEG draft) would pass MAX_DECODED_PIXELS."""
+    width, height = image.size
+    if width * height <= MAX_DECODED_PIXELS:
+        return
+    limit = f"the {MAX_DECODED_PIXELS / 1e6:.1f} MP this decodes"
+    how = (f"even at 1/8 scale {width * height / 1e6:.1f} MP, above {limit}" if image.format == "JPEG"
+           else f"above {limit}, and {image.format or 'this format'} cannot be decoded at reduced scale (JPEG can)")
+    raise UserError(f"image {path} is {full[0]}x{full[1]} ({full[0] * full[1] / 1e6:.1f} MP): {how}; "
+                    f"downscale it first")
+
+
+def fixed_image_size(max_pixels: int, factor: int, min_pixels: int = 0) -> tuple[int, int]:
     """Largest square (side a multiple of `factor` = patch*merge) with at most `max_pixels` pixels.
 
     Qwen2.5-VL's processor keeps the aspect ratio, so the grid (and the number of visual
     tokens) changes with each image; an exported graph wants one fixed grid, so every
     image is first resized to this square. 451584 px, factor 28 -> (672, 672) -> 576 tokens.
+    The square must also have at least `min_pixels` (the processor's lower bound), or
+    smart_resize would enlarge it and the grid would not be the one planned.
     """
-    side = max(factor, math.isqrt(max_pixels) // factor * factor)
+    side = math.isqrt(max_pixels) // factor * factor
+    if side < factor or side * side < min_pixels:
+        raise UserError(f"no square image with sides a multiple of {factor} has {min_pixels}..{max_pixels} px "
+                        f"(the processor's size bounds); give image_size or other bounds")
     return side, side
 
 
@@ -126,6 +167,18 @@ def samples() -> list[tuple[Path, str]]:
     """(image path, prompt) pairs of the bundled samples, in samples.json order."""
     entries = json.loads((_samples_dir() / "samples.json").read_text(encoding="utf-8"))
     return [(sample_path(entry["image"]), entry["prompt"]) for entry in entries]
+
+
+def chat_template(family: str) -> str:
+    """The family's standard HF chat template (data/chat_templates/, sources in SOURCES.md).
+
+    Saved with the tiny models' tokenizers so their folders work in other tools too
+    (`apply_chat_template`, AutoProcessor); for one user turn holding one image it renders
+    exactly LLAVA_TEMPLATE / QWEN2_5_VL_TEMPLATE (tests/test_chat_template.py)."""
+    if family not in FAMILIES:
+        raise UserError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    path = resources.files("reroute_export").joinpath("data", "chat_templates", f"{family}.jinja")
+    return path.read_text(encoding="utf-8").rstrip("\n")  # an editor's final newline would render
 
 
 # ----------------------------------------------------------------------------- preprocessor
@@ -209,6 +262,24 @@ class Preprocessor:
         extra = 0 if self.vision_feature_select_strategy == "default" else 1
         return (side // self.patch_size) ** 2 + extra
 
+    def for_grid(self, grid_thw: tuple[int, int, int]) -> Preprocessor:
+        """Qwen2.5-VL: a copy fixed to the image size of `grid_thw` (t, h, w in patches).
+
+        Processor outputs given as arrays define the grid an artifact is exported for; its
+        own preprocessor must then resize every image to that size, so the pixel bounds
+        widen to admit it (smart_resize would otherwise move it back inside them)."""
+        if self.family != QWEN2_5_VL:
+            raise UserError("a fixed image grid is only used for qwen2.5-vl")
+        patch = self.image_processor.patch_size
+        size = (int(grid_thw[1]) * patch, int(grid_thw[2]) * patch)
+        if self.image_size == size:
+            return self
+        processor = copy.deepcopy(self.image_processor)
+        bounds, pixels = processor.size, size[0] * size[1]
+        bounds["shortest_edge"] = min(bounds["shortest_edge"], pixels)
+        bounds["longest_edge"] = max(bounds["longest_edge"], pixels)
+        return Preprocessor(self.family, self.tokenizer, processor, image_size=size)
+
     def render(self, prompt: str) -> str:
         """The templated prompt with the (unexpanded) image placeholder, for display/logging."""
         return self._template().replace("{prompt}", prompt)
@@ -276,6 +347,8 @@ class Preprocessor:
             "vision_feature_select_strategy", "default"
         )
         image_processor = CLIPImageProcessorPil.from_pretrained(directory)
+        if vision:  # a model's folder (an artifact's preprocessor/ has no config.json)
+            _check_clip_size(directory, image_processor, int(vision.get("image_size", 224)))  # CLIP's default
         pre = cls(
             LLAVA, tokenizer, image_processor, patch_size=patch, vision_feature_select_strategy=strategy
         )
@@ -292,17 +365,18 @@ class Preprocessor:
         image_size: tuple[int, int] | None | Literal["auto"],
         max_pixels: int | None,
     ) -> Preprocessor:
-        """Fixed grid by default: saved size, else the largest square under max_pixels."""
+        """Fixed grid by default: saved size, else the largest square within the processor's
+        own bounds, its longest_edge capped at the authors' 451584 px (the checkpoint's
+        settings win over the registered default: 50176 px -> 224x224 -> 64 tokens)."""
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
-        cap = max_pixels or QWEN_DEFAULT_MAX_PIXELS
-        if max_pixels is not None or image_processor.size["longest_edge"] > cap:
-            image_processor.size["longest_edge"] = cap  # the evaluated setting caps images
+        cap = max_pixels or min(image_processor.size["longest_edge"], QWEN_DEFAULT_MAX_PIXELS)
+        image_processor.size["longest_edge"] = cap  # the evaluated setting caps images
         if image_size == "auto":
             if saved.get("image_size"):
                 image_size = tuple(saved["image_size"])
             else:
                 factor = image_processor.patch_size * image_processor.merge_size
-                image_size = fixed_image_size(cap, factor)
+                image_size = fixed_image_size(cap, factor, image_processor.size["shortest_edge"])
         pre = cls(QWEN2_5_VL, tokenizer, image_processor, image_size=image_size)
         _check_config_token(config, ("image_token_id",), pre.image_token_id)
         return pre
@@ -388,6 +462,26 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_clip_size(directory: Path, image_processor: CLIPImageProcessorPil, side: int) -> None:
+    """LLaVA's processor must output the CLIP tower's own square.
+
+    CLIP learns one position embedding per patch of a square grid; CLIPVisionEmbeddings
+    only interpolates them (bicubic, non-square allowed) when asked, and
+    LlavaForConditionalGeneration never asks: any other size raises "Input image size
+    (H*W) doesn't match model (S*S)" inside the reference. So a non-square (or other
+    sized) crop is refused here, in one line, instead of deep in the vision tower."""
+    if image_processor.do_center_crop:
+        size, what = image_processor.crop_size, "crop_size"
+    else:
+        size, what = image_processor.size, "size"
+    height, width = size["height"], size["width"]
+    if (height, width) != (side, side):
+        got = f"{height}x{width}" if height and width else "images whose size varies with the input"
+        raise UserError(f"{directory}: the image processor's {what} gives {got}, but LLaVA's CLIP tower takes only "
+                        f"{side}x{side} (fixed square position embeddings, not interpolated by "
+                        f"LlavaForConditionalGeneration); set {what} to {side}x{side}")
 
 
 def _check_config_token(config: dict, keys: tuple[str, ...], token_id: int) -> None:

@@ -141,11 +141,18 @@ def resolve_spec(model: str) -> GraphSpec:
 
 
 def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
+    """N as the folder's own processor makes it (its pixel bounds, crop, saved grid). The
+    spec's default only when the folder has no processor to ask; a processor that cannot
+    serve the model is an error, never silently replaced by a registered default."""
     from .preprocess import Preprocessor
 
+    if not (folder / "preprocessor_config.json").is_file():
+        return None
     try:
         return Preprocessor.from_pretrained(folder, family.name).visual_tokens
-    except Exception:  # noqa: BLE001  (a folder without processor files: spec default)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001  (no tokenizer files, so no Preprocessor: spec default)
         return None
 
 
@@ -182,17 +189,25 @@ def load(model: str, dtype: "torch.dtype | None" = None, device: "str | torch.de
     return _on(replace(_load_folder(folder, dtype, None, device), source=str(folder.resolve())), device)
 
 
+def checkpoint_folder(model: str) -> Path | None:
+    """The local folder `load(model)` reads weights from (None: built in code, or absent)."""
+    folder = Path(model)
+    if folder.is_dir():
+        return folder
+    spec = resolve_spec(model)
+    if spec.checkpoint is None:
+        return None
+    try:
+        return _hub_folder(spec)
+    except MissingCheckpoint:
+        return None
+
+
 def checkpoint_bytes(model: str) -> int | None:
     """Bytes of the weight files `load(model)` would read (None: built in code, or absent)."""
-    folder = Path(model)
-    if not folder.is_dir():
-        spec = resolve_spec(model)
-        if spec.checkpoint is None:
-            return None
-        try:
-            folder = _hub_folder(spec)
-        except MissingCheckpoint:
-            return None
+    folder = checkpoint_folder(model)
+    if folder is None:
+        return None
     files = list(folder.glob("*.safetensors")) or list(folder.glob("pytorch_model*.bin"))
     return sum(f.stat().st_size for f in files) or None
 
@@ -214,10 +229,12 @@ def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None,
                  device: "str | torch.device" = "cpu") -> Loaded:
     import transformers
 
+    from .checkpoint_files import check_fits, check_weight_files
     from .preprocess import Preprocessor
 
     family = _folder_family(folder)
     _check_weights(folder)
+    check_weight_files(folder)  # a truncated file: one line naming it, not safetensors' traceback
     cls = getattr(transformers, family.model_class)
     if str(device) == "meta":  # the architecture only: the streamed export reads each weight from the files
         from .tiny import meta_parameters
@@ -227,6 +244,7 @@ def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None,
         with meta_parameters():
             model = cls._from_config(cls.config_class.from_pretrained(folder), dtype=dtype).eval()
     else:
+        check_fits(folder, dtype.itemsize, str(dtype).removeprefix("torch."))  # one line, not a silent OOM kill
         model = cls.from_pretrained(folder, dtype=dtype).eval()
     pre = Preprocessor.from_pretrained(folder, family.name)
     spec = _spec_for_config(name or folder.name, family, model.config, pre.visual_tokens)

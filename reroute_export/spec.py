@@ -8,15 +8,13 @@ count, image size and the default routing schedules. Rewrites and the planner re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
 from .errors import UserError
+from .paths import shipped_dir
 
-GRAPHS_DIR = Path(__file__).resolve().parent.parent / "graphs"
-# Installed wheels carry the specs inside the package (see pyproject package-data).
-_PACKAGED_GRAPHS = Path(__file__).resolve().parent / "graphs"
 
 Shape = Union[str, tuple[float, ...]]  # "single" | "geometric" | relative weights per stage
 
@@ -91,6 +89,12 @@ def _schedule(raw: dict[str, Any]) -> Schedule:
     )
 
 
+def spec_to_dict(spec: GraphSpec) -> dict[str, Any]:
+    """JSON-ready fields that `spec_from_dict` reads back (an artifact records the spec it was
+    planned on, so its plan flags can be checked where its model is not registered)."""
+    return asdict(spec)
+
+
 def spec_from_dict(raw: dict[str, Any]) -> GraphSpec:
     return GraphSpec(
         name=raw["name"],
@@ -105,7 +109,8 @@ def spec_from_dict(raw: dict[str, Any]) -> GraphSpec:
 
 
 def graphs_dir() -> Path:
-    return GRAPHS_DIR if GRAPHS_DIR.is_dir() else _PACKAGED_GRAPHS
+    """graphs/ of the checkout, or the wheel's copy inside the package (one resolver: paths.py)."""
+    return shipped_dir("graphs")
 
 
 def known_specs() -> dict[str, GraphSpec]:

@@ -45,7 +45,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from reroute_export.preprocess import LLAVA, QWEN2_5_VL, Preprocessor
+from reroute_export.preprocess import LLAVA, QWEN2_5_VL, Preprocessor, chat_template
 
 if TYPE_CHECKING:
     from reroute_export.spec import GraphSpec
@@ -110,9 +110,7 @@ class Sizes:
 
     @property
     def weight_std(self) -> float:
-        """WEIGHT_STD for narrow models; ~2/sqrt(width) for wide ones, so a 1024-wide random
-        decoder keeps O(1) activations and peaked (not one-hot) attention."""
-        return min(WEIGHT_STD, 2.0 / math.sqrt(self.text_hidden))
+        return weight_std_for(self.text_hidden)
 
     @property
     def mrope_section(self) -> list[int]:
@@ -130,6 +128,12 @@ class Sizes:
             vision_layers=v.num_layers, vision_hidden=v.hidden_size, vision_heads=max(2, v.hidden_size // 64),
             vision_intermediate=v.intermediate_size,
         )
+
+
+def weight_std_for(text_hidden: int) -> float:
+    """WEIGHT_STD for narrow models; ~2/sqrt(width) for wide ones, so a 1024-wide random
+    decoder keeps O(1) activations and peaked (not one-hot) attention."""
+    return min(WEIGHT_STD, 2.0 / math.sqrt(text_hidden))
 
 
 TINY_LLAVA = Sizes()
@@ -197,6 +201,7 @@ def tiny_llava_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         padding_side="left",
         extra_special_tokens={"image_token": "<image>"},
+        chat_template=chat_template(LLAVA),  # llava-hf's, saved as chat_template.jinja
     )
 
 
@@ -211,6 +216,7 @@ def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         padding_side="left",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        chat_template=chat_template(QWEN2_5_VL),  # Qwen2.5-VL-Instruct's processor template
     )
 
 
@@ -259,13 +265,18 @@ def tiny_llava(
     )
     model = _build(LlavaForConditionalGeneration, config, seed, attn_implementation, sizes.weight_std, where)
     _set_generation_ids(model, bos=ids["<s>"], eos=ids["</s>"], pad=ids["<pad>"])
+    return model, _llava_preprocessor(tokenizer, side)
+
+
+def _llava_preprocessor(tokenizer: PreTrainedTokenizerFast, side: int) -> Preprocessor:
+    """llava-hf's CLIP preprocessing (resize shortest edge, centre crop) at `side` px."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
         image_mean=OPENAI_CLIP_MEAN,
         image_std=OPENAI_CLIP_STD,
     )
-    return model, Preprocessor(LLAVA, tokenizer, image_processor, patch_size=PATCH_SIZE)
+    return Preprocessor(LLAVA, tokenizer, image_processor, patch_size=PATCH_SIZE)
 
 
 def tiny_qwen2_5_vl(
@@ -314,6 +325,11 @@ def tiny_qwen2_5_vl(
     model = _build(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation, sizes.weight_std, where)
     eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]  # as Qwen2.5-VL-Instruct's generation_config
     _set_generation_ids(model, bos=None, eos=eos, pad=ids["<|endoftext|>"])
+    return model, _qwen_preprocessor(tokenizer, sizes.image_size)
+
+
+def _qwen_preprocessor(tokenizer: PreTrainedTokenizerFast, side: int) -> Preprocessor:
+    """Qwen2.5-VL-Instruct's image processor, every image resized to side x side (one fixed grid)."""
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH_SIZE,
         temporal_patch_size=2,
@@ -321,8 +337,7 @@ def tiny_qwen2_5_vl(
         min_pixels=56 * 56,
         max_pixels=28 * 28 * 1280,
     )
-    pre = Preprocessor(QWEN2_5_VL, tokenizer, image_processor, image_size=(sizes.image_size, sizes.image_size))
-    return model, pre
+    return Preprocessor(QWEN2_5_VL, tokenizer, image_processor, image_size=(side, side))
 
 
 _BUILDERS = {LLAVA: tiny_llava, QWEN2_5_VL: tiny_qwen2_5_vl}
@@ -340,14 +355,89 @@ def build_random(
     """`--random-weights`: a registered real architecture (e.g. llava-1.5-7b) at full size with
     seeded random weights, built directly in `dtype` on `device` (no fp32 copy: 7B in fp16 is
     14 GB, not 28). device "meta" allocates no parameter: the streaming export draws each
-    one later, a tensor at a time, with `random_tensor`. Text vocabulary at the spec's size;
-    the tokenizer is the offline byte-level one, so ids stay below it."""
+    one later, a tensor at a time, with `random_tensor`. A registered checkpoint's architecture
+    is its published config.json (`published`), the offline byte-level tokenizer's token ids
+    put in; a built-in-code spec (tiny-*, bench-*) keeps its own builder."""
+    where = Where(dtype, torch.device(device))
+    if spec.checkpoint is not None:
+        return _published(spec, seed, attn_implementation, where)
     sizes = replace(Sizes.from_spec(spec), vocab_size=spec.text.vocab_size)
-    return _BUILDERS[spec.family](seed, attn_implementation, sizes, Where(dtype, torch.device(device)))
+    return _BUILDERS[spec.family](seed, attn_implementation, sizes, where)
+
+
+def parameter_count(spec: "GraphSpec") -> int:
+    """Parameters of the model `spec` names, built on the meta device (no memory; tied ones once)."""
+    model, _ = build_random(spec, torch.float32, "meta")
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+
+
+@dataclass(frozen=True)
+class _Offline:
+    """How a family's published config meets the offline tokenizer: which config fields hold
+    token ids (dotted path -> the offline token whose id they take), and the generation ids.
+    Only ids move: they size nothing, so the vocabulary and parameter count stay the published
+    ones, and the offline prompt's image tokens land where the model looks for them."""
+
+    model_cls: type[PreTrainedModel]
+    tokenizer: Callable[[], PreTrainedTokenizerFast]
+    preprocessor: Callable[[PreTrainedTokenizerFast, int], Preprocessor]
+    ids: dict[str, str]
+    bos: str | None
+    eos: tuple[str, ...]  # generation stops at any; one -> an int, as the tiny builders set it
+    pad: str
+
+
+_OFFLINE = {
+    LLAVA: _Offline(
+        LlavaForConditionalGeneration, tiny_llava_tokenizer, _llava_preprocessor,
+        ids={"image_token_index": "<image>", "pad_token_id": "<pad>", "text_config.bos_token_id": "<s>",
+             "text_config.eos_token_id": "</s>", "text_config.pad_token_id": "<pad>"},
+        bos="<s>", eos=("</s>",), pad="<pad>",
+    ),
+    QWEN2_5_VL: _Offline(  # vision_token_id (<|vision_pad|>) is read by no transformers 5 code: left as published
+        Qwen2_5_VLForConditionalGeneration, tiny_qwen_tokenizer, _qwen_preprocessor,
+        ids={"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
+             "text_config.bos_token_id": "<|endoftext|>", "text_config.eos_token_id": "<|im_end|>",
+             "text_config.pad_token_id": "<|endoftext|>"},
+        bos=None, eos=("<|im_end|>", "<|endoftext|>"), pad="<|endoftext|>",
+    ),
+}
+
+
+def _published(spec: "GraphSpec", seed: int, attn_implementation: str,
+               where: Where) -> tuple[PreTrainedModel, Preprocessor]:
+    """The checkpoint's own architecture from its published config, seeded random weights."""
+    from . import published
+
+    published.check_spec(spec)  # the plan reads the spec; the model must be the same one
+    config, off = published.config(spec.name), _OFFLINE[spec.family]
+    tokenizer = off.tokenizer()
+    token_id = tokenizer.convert_tokens_to_ids
+    for path, token in off.ids.items():
+        _set_path(config, path, token_id(token))
+    std = weight_std_for(config.text_config.hidden_size)
+    model = _build(off.model_cls, config, seed, attn_implementation, std, where)
+    eos = [token_id(t) for t in off.eos]
+    _set_generation_ids(model, bos=token_id(off.bos) if off.bos else None, eos=eos[0] if len(eos) == 1 else eos,
+                        pad=token_id(off.pad))
+    return model, off.preprocessor(tokenizer, spec.vision.image_size)
+
+
+def _set_path(config: PreTrainedConfig, path: str, value: int) -> None:
+    """config.a.b = value for path "a.b"."""
+    *parents, name = path.split(".")
+    for part in parents:
+        config = getattr(config, part)
+    setattr(config, name, value)
 
 
 def save_checkpoint(model: PreTrainedModel, preprocessor: Preprocessor, directory: str | Path) -> None:
-    """Save so that `<Model>.from_pretrained` and `Preprocessor.from_pretrained` load it back identically."""
+    """Save so that `<Model>.from_pretrained` and `Preprocessor.from_pretrained` load it back identically.
+
+    The tokenizer carries the family's chat template (the tiny tokenizers are built with it), so
+    HF writes chat_template.jinja, the file transformers 5 reads for the tokenizer and the
+    processor alike: the folder works with `apply_chat_template` and AutoProcessor elsewhere."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

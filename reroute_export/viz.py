@@ -42,6 +42,7 @@ import PIL.ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserError
+from .files import usual_mode
 
 ACTIVE, DEFERRED, REENTERED = "active", "deferred", "re-entered"
 STATES = (ACTIVE, DEFERRED, REENTERED)
@@ -391,6 +392,7 @@ def _save_png(canvas: PIL.Image.Image, path: Any, meta: dict[str, Any]) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             canvas.save(f, format="PNG", pnginfo=info)
+        usual_mode(tmp)  # mkstemp's 0600 is for the temporary, not the map
         os.replace(tmp, path)
     except BaseException as e:
         try:

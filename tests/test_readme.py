@@ -1,7 +1,10 @@
 """Every `reroute-export` command in README.md's bash blocks runs as documented.
 
 Each block runs top to bottom in one fresh folder (a later command may use what an
-earlier one wrote, as a reader would), with repo-relative paths pointing into the repo.
+earlier one wrote, as a reader would). Only paths to shipped inputs (files under the
+folders the package ships, e.g. reroute_export/data/samples/astronaut.jpg) point into
+the repo; anything else, such as `out/` a newcomer's own README run left in the repo
+root, stays relative to the fresh folder.
 Exit code 0, or the documented 3 for `--target trt` on a machine without TensorRT.
 A line marked `# not run by the README test: WHY` (a GPU command, a 7B export) is only
 parsed: its subcommand and options must exist.
@@ -33,6 +36,16 @@ def test_readme_has_examples() -> None:
 
 
 SKIP = "# not run by the README test:"
+SHIPPED = ("reroute_export", "graphs", "calibration")  # what the wheel carries (paths.py, pyproject)
+
+
+def shipped_input(arg: str, root: Path = ROOT) -> str:
+    """`arg` made absolute under `root` when it names a shipped input file, else unchanged: an
+    output folder that happens to exist in the repo root (a README run there) is not an input."""
+    path = Path(arg)
+    if path.is_absolute() or not path.parts or path.parts[0] not in SHIPPED or not (root / path).is_file():
+        return arg
+    return str(root / path)
 
 
 @pytest.mark.parametrize("block", readme_blocks(), ids=lambda b: b[0][:60])
@@ -46,9 +59,26 @@ def test_readme_block_runs(block: list[str], tmp_path) -> None:
             assert parse(argv[1:]).func  # the documented subcommand and options exist
             continue
         argv = shlex.split(command)
-        argv = [str(ROOT / a) if "/" in a and (ROOT / a).exists() else a for a in argv]
+        argv = [shipped_input(a) for a in argv]
         out = subprocess.run([sys.executable, "-m", "reroute_export", *argv[1:]], capture_output=True, text=True,
                              cwd=tmp_path, timeout=600)
         expected = 3 if "--target trt" in command else 0
         assert out.returncode == expected, f"{command}\n{out.stderr[-2000:]}"
         assert out.stdout.strip(), command
+
+
+def test_only_shipped_inputs_point_into_the_repo(tmp_path) -> None:
+    """A newcomer ran the README in the repo root: out/, artifact/, parity.json are there now.
+    They must not be rewritten (the tests would then refuse "output folder ... exists" or
+    write into the repo); the sample photo must."""
+    sample = tmp_path / "reroute_export" / "data" / "samples" / "astronaut.jpg"
+    sample.parent.mkdir(parents=True)
+    sample.write_bytes(b"jpg")
+    for stray in ("out", "artifact", "int8"):
+        (tmp_path / stray).mkdir()
+    (tmp_path / "out" / "manifest.json").write_text("{}")
+    (tmp_path / "parity.json").write_text("{}")
+    assert shipped_input("reroute_export/data/samples/astronaut.jpg", tmp_path) == str(sample)
+    for arg in ("out/", "artifact/", "int8/", "out/manifest.json", "parity.json", "--output", "/abs/out/",
+                "reroute_export/data/samples/", "reroute_export/data/samples/missing.jpg"):
+        assert shipped_input(arg, tmp_path) == arg

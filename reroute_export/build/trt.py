@@ -50,6 +50,9 @@ GRAPHS = ("vision", "prefill", "decode")
 OPT_TEXT_TOKENS = 40  # optimization-profile "opt" text length (prompt words around the image)
 BUILD_WEIGHT_COPIES = 3  # parser copy + builder copy + serialized engine (DESIGN.md 3: 3-4x model size)
 GIB = 1 << 30
+# Hidden-wide rows per token alive inside one decoder layer while it runs: residual and norm
+# (2), q/k/v and the attention output (4), the MLP's gate, up and product at ~3.5 x hidden (10).
+ACTIVATION_WIDTHS = 16
 # ONNX TensorProto element type -> bytes
 ELEM_BYTES = {1: 4, 2: 1, 3: 1, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 16: 2, 17: 1, 18: 1, 19: 1, 20: 1}
 
@@ -240,32 +243,64 @@ def kv_cache_bytes(manifest: dict[str, Any], elem_bytes: int) -> int:
     return entries * 2 * int(sh["num_kv_heads"]) * int(sh["head_dim"]) * elem_bytes
 
 
+def activation_bytes(manifest: dict[str, Any], elem_bytes: int) -> int:
+    """The prefill context's activations at the maximum prompt length, the largest of the three
+    (decode holds one token, the vision tower one image): ACTIVATION_WIDTHS hidden-wide rows per
+    token live inside one layer (TensorRT reuses activation memory across layers), plus one
+    layer's attention scores, heads x L x L."""
+    sh = manifest["shapes"]
+    length, hidden = int(sh["max_prompt_tokens"]), int(sh["hidden_size"])
+    heads = max(1, hidden // int(sh["head_dim"]))
+    return (length * hidden * ACTIVATION_WIDTHS + heads * length * length) * elem_bytes
+
+
 def memory_estimate(weights: dict[str, int], kv_bytes: int, workspace_mib: int,
-                    device_memory_gib: float | None) -> dict[str, Any]:
+                    device_memory_gib: float | None, act_bytes: int = 0) -> dict[str, Any]:
     """Estimates, not measurements.
 
     engine   ~ the graph's weight bytes (same precision; prefill and decode each carry the
                full decoder weights, so the LLM is held twice)
     build    graphs are built one at a time: BUILD_WEIGHT_COPIES x the largest graph's
              weights (host) + the workspace limit (GPU); on a Jetson both share one memory
-    run      all three engines + the KV cache twice (a decode step reads past.* and writes
-             present.* as separate buffers) at the declared maximum lengths + workspace
+    run      what the engines need: all three engines' weights + the KV cache twice (a decode
+             step reads past.* and writes present.* as separate buffers) at the declared
+             maximum lengths + the activations (`activation_bytes`). The workspace limit is
+             not added: it caps TensorRT's tactic scratch space, it is not a need (a 4.6 MiB
+             model does not run in 4 GiB).
     """
     ws = workspace_mib << 20
     engines = sum(weights.values())
     build = BUILD_WEIGHT_COPIES * max(weights.values(), default=0) + ws
-    run = engines + 2 * kv_bytes + ws
+    run = engines + 2 * kv_bytes + act_bytes
     out: dict[str, Any] = {
         "weights_gib": engines / GIB, "engines_gib": engines / GIB,
         "engine_gib": {g: b / GIB for g, b in weights.items()},
-        "kv_cache_gib": kv_bytes / GIB, "kv_io_peak_gib": 2 * kv_bytes / GIB, "workspace_gib": ws / GIB,
-        "build_peak_gib": build / GIB, "run_gib": run / GIB, "device_memory_gib": device_memory_gib,
-        "method": "engine ~ ONNX weight bytes; build = 3 x largest graph + workspace; "
-                  "run = engines + 2 x KV cache at max lengths + workspace",
+        "kv_cache_gib": kv_bytes / GIB, "kv_io_peak_gib": 2 * kv_bytes / GIB, "activations_gib": act_bytes / GIB,
+        "workspace_gib": ws / GIB, "build_peak_gib": build / GIB, "run_gib": run / GIB,
+        "device_memory_gib": device_memory_gib,
+        "method": "engine ~ ONNX weight bytes; build = 3 x largest graph + workspace limit; "
+                  "run = engines + 2 x KV cache at max lengths + prefill activations (workspace limit not added)",
     }
     if device_memory_gib:
         out["fits_device"] = run / GIB <= device_memory_gib and build / GIB <= device_memory_gib
     return out
+
+
+def size_text(gib: float) -> str:
+    """A size at a readable scale: 4.6 MiB, not 0.00 GiB."""
+    if gib >= 1:
+        return f"{gib:.2f} GiB"
+    return f"{gib * 1024:.1f} MiB" if gib * 1024 >= 1 else f"{gib * 2**20:.1f} KiB"
+
+
+def memory_text(mem: dict[str, Any]) -> str:
+    """The estimate as one sentence, each part separate: what running needs, what building needs,
+    and the workspace limit, which is neither (one wording for the CLI, the script and warnings)."""
+    return (f"running {size_text(mem['run_gib'])} (weights {size_text(mem['weights_gib'])} + KV cache "
+            f"{size_text(mem['kv_io_peak_gib'])}, past and present at maximum lengths + activations "
+            f"{size_text(mem.get('activations_gib', 0.0))}); building up to {size_text(mem['build_peak_gib'])} "
+            f"({BUILD_WEIGHT_COPIES} copies of the largest graph + the workspace limit); "
+            f"TensorRT workspace limit {size_text(mem['workspace_gib'])} (a cap on tactic scratch space, not a need)")
 
 
 # ---------------------------------------------------------------- plan and script
@@ -328,7 +363,7 @@ def build_plan(folder: Path, manifest: dict[str, Any], device_name: str,
             "trtexec": trtexec_command(onnx_file, engine, prof, precision, version, workspace, plugin_lib),
         }
     kv = kv_cache_bytes(manifest, kv_elem or 4)
-    memory = memory_estimate(weights, kv, workspace, dev.get("memory_gib"))
+    memory = memory_estimate(weights, kv, workspace, dev.get("memory_gib"), activation_bytes(manifest, kv_elem or 4))
     return {
         "device": dev, "trt_version": version, "precision": manifest["precision"], "recipe": precision,
         "strongly_typed": precision in py["strongly_typed"],
@@ -355,8 +390,7 @@ def plan_warnings(dev: dict[str, Any], precision: str, memory: dict[str, Any]) -
         out.append(f"{precision} needs compute capability >= {need}; {dev['name']} is {dev['compute_capability']}: "
                    "TensorRT will not build these engines there")
     if memory.get("fits_device") is False:
-        out.append(f"estimated memory (build peak {memory['build_peak_gib']:.1f} GiB, running "
-                   f"{memory['run_gib']:.1f} GiB) exceeds {dev['name']}'s {dev['memory_gib']} GiB")
+        out.append(f"estimated memory ({memory_text(memory)}) exceeds {dev['name']}'s {dev['memory_gib']} GiB")
     return out
 
 
@@ -372,8 +406,7 @@ def build_script(plan: dict[str, Any]) -> str:
         + (" ".join(trtexec_table(plan["trt_version"])["precision_flags"][plan["recipe"]]) or "none")
         + (" (strongly typed: the graph's types are the engine's)."
            if plan["strongly_typed"] or major(plan["trt_version"]) >= 11 else "."),
-        f"# Memory estimate: build peak {mem['build_peak_gib']:.2f} GiB, running {mem['run_gib']:.2f} GiB "
-        f"(KV cache at maximum lengths {mem['kv_cache_gib']:.3f} GiB).",
+        f"# Memory estimate: {memory_text(mem)}.",
         *(f"# WARNING: {w}" for w in plan.get("warnings", [])),
         "# Details: build_plan.json.",
         "set -euo pipefail",

@@ -175,8 +175,17 @@ def lint_model(model: onnx.ModelProto, graph: str, trt_version: str = "10.3") ->
 
 
 def onnx_files(target: Path) -> list[Path]:
+    """The graphs to lint: a bare .onnx file as it is; an artifact folder's graphs only once
+    its manifest and checksums verify, as every other command demands (a changed byte must
+    not lint as "passed")."""
     if target.is_dir():
-        files = sorted(target.glob("*.onnx"))
+        from ..export import contract as C
+        from ..export.artifact import read_manifest
+
+        if not (target / C.MANIFEST).is_file():
+            raise UserError(f"{target} is not a reroute-export artifact: {C.MANIFEST} is missing "
+                            f"(to lint graphs of your own, give each .onnx file)")
+        files = sorted(target / rel for rel in read_manifest(target)["files"] if rel.endswith(".onnx"))
         if not files:
             raise UserError(f"{target} holds no .onnx files")
         return files

@@ -201,27 +201,61 @@ def parse_overrides(items: list[str] | None) -> dict[str, float]:
 
 
 def summary_rows(report: ParityReport) -> list[dict[str, Any]]:
+    """One row per input; every number beside the bound it was judged by, or "not checked"
+    (an int8 row at 0.00 token agreement passes because no bound applies, and says so)."""
     rows = []
     for r in report.inputs:
         m = r["metrics"]
         if m is None:
             rows.append({"input": r["input"], "routing": "did not run", "result": "FAIL"})
             continue
-        rows.append({
-            "input": r["input"],
-            "routing": "exact" if m["decision_exact"] == 1 else f"overlap {m['decision_overlap']:.2f} "
-                                                                  f"(first differs: layer {m['first_differing_stage']})",
-            "logits max diff": f"{m['logits_max_abs']:.2e}", "cosine": f"{m['logits_cosine']:.5f}",
-            "top1/top5": f"{'yes' if m['top1_agree'] else 'no'}/{m['top5_overlap']:.1f}",
-            "tokens": f"{m['token_agreement']:.2f}" + ("" if m["first_divergent_step"] is None
-                                                      else f" (step {m['first_divergent_step']})"),
-            "vision max diff": f"{m['vision_max_abs']:.2e}",
-            "result": "pass" if not r["failures"] else "FAIL",
-        })
+        rows.append({"input": r["input"], "routing": _routing_cell(m, report.tolerances),
+                     **{col: _cell(m, report.tolerances, parts) for col, parts in CELLS.items()},
+                     "top1/top5": f"{'yes' if m['top1_agree'] else 'no'}/"
+                                  + _value(m, report.tolerances, "top5_overlap", "", ".1f"),
+                     "tokens": _value(m, report.tolerances, "token_agreement", "", ".2f")
+                               + ("" if m["first_divergent_step"] is None else f", first differs at step "
+                                                                               f"{m['first_divergent_step']}"),
+                     "result": "pass" if not r["failures"] else "FAIL"})
     return rows
 
 
-COLUMNS = ["input", "routing", "logits max diff", "cosine", "top1/top5", "tokens", "vision max diff", "result"]
+# column -> (metric, label, format): the first always shown, the others only where a tolerance bounds them
+CELLS: dict[str, list[tuple[str, str, str]]] = {
+    "logits max diff": [("logits_max_abs", "", ".2e"), ("logits_mean_abs", "mean ", ".2e")],
+    "cosine": [("logits_cosine", "", ".5f")],
+    "vision": [("vision_max_abs", "max diff ", ".2e"), ("vision_mean_abs", "mean ", ".2e"),
+               ("vision_cosine", "cosine ", ".5f")],
+}
+
+
+def _bound(tol: dict[str, float], key: str) -> str | None:
+    """The bound a metric is judged by, as text ("≥ 0.9", "≤ 0.0001"), or None when unbounded."""
+    if f"{key}_min" in tol:
+        return f"≥ {tol[f'{key}_min']:g}"
+    return f"≤ {tol[f'{key}_max']:g}" if f"{key}_max" in tol else None
+
+
+def _value(m: dict[str, Any], tol: dict[str, float], key: str, label: str, fmt: str) -> str:
+    return f"{label}{m[key]:{fmt}} ({_bound(tol, key) or 'not checked'})"
+
+
+def _cell(m: dict[str, Any], tol: dict[str, float], parts: list[tuple[str, str, str]]) -> str:
+    shown = [p for i, p in enumerate(parts) if i == 0 or _bound(tol, p[0]) is not None]
+    return ", ".join(_value(m, tol, *p) for p in shown)
+
+
+def _routing_cell(m: dict[str, Any], tol: dict[str, float]) -> str:
+    """exact, or the worst stage's overlap and the first differing layer; then the routing bounds."""
+    text = "exact" if m["decision_exact"] == 1 else (f"overlap {m['decision_overlap']:.2f}, exact stages "
+                                                     f"{m['decision_exact']:.2f}, first differs: layer "
+                                                     f"{m['first_differing_stage']}")
+    bounds = [f"{name} {b}" for key, name in (("decision_exact", "exact stages"), ("decision_overlap", "overlap"))
+              if (b := _bound(tol, key)) is not None]
+    return f"{text} ({'; '.join(bounds) or 'not checked'})"
+
+
+COLUMNS = ["input", "routing", "logits max diff", "cosine", "top1/top5", "tokens", "vision", "result"]
 
 
 def markdown(report: ParityReport, maps: dict[str, str] | None = None) -> str:

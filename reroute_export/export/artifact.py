@@ -8,12 +8,15 @@ manifest lists the sha256 of every file, and only a finished folder is renamed i
 
 Sibling names carry the writer's PID so that a later run can tell the leftovers of a
 killed writer (SIGKILL, `os._exit`: no `finally` ran) from those of a live one, and
-clean up only the former.
+clean up only the former. A writer holds an flock on `.OUT.lock` from start to commit:
+a second export to the same OUT is refused, not raced. A full disk or a read-only
+folder is one line naming OUT; where the size is known, free space is checked first.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import UserError
+from ..files import write_error, writing
 from . import contract as C
 
 _CHUNK = 1 << 20  # hash in 1 MiB reads: graphs with external weights reach gigabytes
@@ -113,9 +117,85 @@ def _check_replaceable(output: Path, force: bool) -> None:
 
 
 def check_output(output: Path, force: bool) -> None:
-    """Fail early (one line) if `output` could not be replaced; the writer checks again."""
+    """Fail early (one line) if `output` could not be replaced, is being written by another
+    export, or sits in a folder we cannot write; the writer checks again."""
     cleanup_stale(output)
     _check_replaceable(output, force)
+    _check_parent(output)
+    if output.parent.is_dir():
+        with writing(output):
+            _unlock(output, _lock(output))  # taken and let go: only a probe, before minutes of work
+
+
+def _check_parent(output: Path) -> None:
+    """A file where a folder above OUT should be: mkdir's bare "File exists" would not say which."""
+    for above in output.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise UserError(f"cannot write {output}: {above} is a file, not a folder")
+            return
+
+
+# ---------------------------------------------------------------- one writer per output
+
+
+def _lock_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.lock"
+
+
+def _lock(output: Path) -> int:
+    """An exclusive flock on `.OUT.lock`, holding our PID: two `--force` exports to one OUT
+    would otherwise both say "wrote" while one silently replaced the other."""
+    path = _lock_path(output)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"another export is writing {output} (pid {holder})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder unlinked it between our open and our lock: lock the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _unlock(output: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (nothing is left beside OUT); a process
+    that opened it meanwhile sees it is gone once it gets the lock, and makes a new one."""
+    try:
+        _lock_path(output).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def check_free_space(output: Path, need: int | None) -> None:
+    """Refuse (one line) when OUT's filesystem has clearly too little room for `need` bytes."""
+    if not need:
+        return
+    free = shutil.disk_usage(output.parent).free
+    if free < need:
+        raise UserError(f"not enough free space for {output}: the export writes at least {_size(need)}, "
+                        f"{output.parent} has {_size(free)} free")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------- the writer
@@ -158,17 +238,27 @@ class ArtifactWriter:
 
     path: Path
 
-    def __init__(self, output: Path, *, force: bool = False) -> None:
+    def __init__(self, output: Path, *, force: bool = False, expected_bytes: int | None = None) -> None:
         self.output = Path(output)
         self.force = force
+        self.expected_bytes = expected_bytes  # what it will write, where known: checked against free space
         self._manifest_files: dict[str, dict[str, Any]] | None = None
 
     def __enter__(self) -> "ArtifactWriter":
-        cleanup_stale(self.output)
-        _check_replaceable(self.output, self.force)
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.path = _sibling(self.output, "tmp")
-        self.path.mkdir()
+        _check_parent(self.output)
+        with writing(self.output):
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(self.output)
+        try:
+            with writing(self.output):
+                cleanup_stale(self.output)
+                _check_replaceable(self.output, self.force)
+                check_free_space(self.output, self.expected_bytes)
+                self.path = _sibling(self.output, "tmp")
+                self.path.mkdir()
+        except BaseException:
+            _unlock(self.output, self._lock_fd)
+            raise
         return self
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
@@ -186,11 +276,18 @@ class ArtifactWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if exc_type is None:
-                self._commit()
+            with writing(self.output):  # a full disk during the commit's fsync: one line too
+                try:
+                    if exc_type is None:
+                        self._commit()
+                finally:
+                    if self.path.exists():  # failed, or the commit itself failed
+                        shutil.rmtree(self.path, ignore_errors=True)
         finally:
-            if self.path.exists():  # failed, or the commit itself failed
-                shutil.rmtree(self.path, ignore_errors=True)
+            _unlock(self.output, self._lock_fd)
+        failure = write_error(self.output, exc) if isinstance(exc, OSError) else None
+        if failure is not None:  # the disk filled (or turned read-only) while writing: say so, once
+            raise failure from None
 
     # -- commit --------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 An artifact folder holds:
 
-    manifest.json          model, family, plan, shapes, precision, opset, versions, sha256 of every file
+    manifest.json          model, family, plan (and the spec it was planned on), shapes, precision,
+                           opset, versions, sha256 of every file
     vision.onnx            pixel_values -> image_features (N, D)
     prefill.onnx           routed prefill: logits, per-layer KV (stage-specific lengths), decisions
     decode.onnx            one token against per-layer KV caches

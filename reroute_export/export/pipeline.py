@@ -25,6 +25,7 @@ from ..check.tolerances import tolerances
 from ..plan import RoutingPlan
 from ..progress import Steps
 from ..registry import Loaded
+from ..spec import spec_to_dict
 from ..trace import TraceResult, run_trace
 from . import contract as C
 from .artifact import ArtifactWriter
@@ -130,6 +131,7 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
     vision_cfg = getattr(loaded.model.config, "vision_config", None)
     return {
         "model": loaded.spec.name, "model_source": loaded.source, "family": loaded.family.name, "plan": plan.to_dict(),
+        "spec": spec_to_dict(loaded.spec),  # what the plan was made on: plan flags are checked against it
         "random_weights": loaded.random_weights, "weights_written": "streamed" if stream is not None else "in memory",
         "precision": opts.precision, "opset": C.OPSET, "ir_version": C.IR_VERSION,
         "inline_functions": opts.inline_functions, "shapes": sh,
@@ -212,13 +214,21 @@ def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Pa
     return {"metrics": metrics, "tolerances": tol, "passed": not bad, "failures": bad}, bad
 
 
+def artifact_bytes(loaded: Loaded, opts: ExportOptions) -> int:
+    """At least what the export writes: every weight once at the export precision, twice for
+    an in-memory export (torch.onnx gives prefill and decode each their own copy of the
+    decoder's weights; a streamed export writes them once, shared)."""
+    params = sum(p.numel() for p in loaded.model.parameters())  # tied ones once
+    return params * PRECISIONS[opts.precision].itemsize * (1 if is_streamed(loaded.model) else 2)
+
+
 def export_artifact(loaded: Loaded, plan: RoutingPlan, inputs: Any, output: Path, opts: ExportOptions) -> ExportResult:
     if opts.precision not in PRECISIONS:
         raise ValueError(f"precision {opts.precision}")
     steps = Steps(4 + opts.check + (opts.target == "trt") + is_streamed(loaded.model), quiet=opts.quiet,
                   title="export")
     try:
-        with ArtifactWriter(Path(output), force=opts.force) as writer:
+        with ArtifactWriter(Path(output), force=opts.force, expected_bytes=artifact_bytes(loaded, opts)) as writer:
             manifest, stream = _write_graphs(loaded, plan, inputs, writer.path, opts, steps)
             writer.write_manifest(manifest)  # the runtime reads it during the check
             bad: list[str] = []

@@ -61,10 +61,12 @@ def checkpoint_source(folder: Path, model: torch.nn.Module, renames: tuple[tuple
     the checkpoint lacks a parameter of the model."""
     import re
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    from ..checkpoint_files import check_weight_files
     from ..errors import UserError
 
+    check_weight_files(Path(folder))  # a truncated file fails here, naming it, not inside safe_open
     where: dict[str, tuple[Path, str]] = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -89,8 +91,11 @@ def checkpoint_source(folder: Path, model: torch.nn.Module, renames: tuple[tuple
 
     def read(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         file, key = where[name]
-        with safe_open(str(file), framework="pt") as f:
-            t = f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                t = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:  # the file changed or vanished since the check
+            raise UserError(f"cannot read {key} from {file}: {e}") from None
         if tuple(t.shape) != shape:
             raise UserError(f"{file.name}: {key} has shape {tuple(t.shape)}, the model wants {shape}")
         return t.to(dtype)

@@ -65,3 +65,8 @@ class Family:
     def spec_overrides(cls, config: Any) -> dict[str, Any]:
         """Graph-spec fields read from a checkpoint's config (text and vision widths)."""
         raise NotImplementedError
+
+    @classmethod
+    def visual_tokens(cls, config: Any, image_size: int) -> int:
+        """N visual tokens one square image of `image_size` px gives under `config`."""
+        raise NotImplementedError

@@ -64,6 +64,12 @@ class Llava(Family):
             "vision": dict(
                 image_size=v.image_size, patch_size=v.patch_size, num_layers=v.num_hidden_layers,
                 hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                visual_tokens=(v.image_size // v.patch_size) ** 2,
+                visual_tokens=cls.visual_tokens(config, v.image_size),
             ),
         }
+
+    @classmethod
+    def visual_tokens(cls, config: Any, image_size: int) -> int:
+        # one token per patch; the "full" strategy keeps the CLS token too
+        full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+        return (image_size // config.vision_config.patch_size) ** 2 + full

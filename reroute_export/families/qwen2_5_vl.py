@@ -57,3 +57,9 @@ class Qwen25VL(Family):
                 intermediate_size=v.intermediate_size,
             ),
         }
+
+    @classmethod
+    def visual_tokens(cls, config: Any, image_size: int) -> int:
+        # (side / patch)^2 patches, merged spatial_merge_size^2 -> 1 before the decoder
+        v = config.vision_config
+        return (image_size // (v.patch_size * v.spatial_merge_size)) ** 2

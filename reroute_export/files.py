@@ -1,0 +1,77 @@
+"""Writing files the way users expect: whole or not at all, with the usual permissions,
+and a full disk or a read-only folder reported as one line naming the path.
+
+Every report (trace/parity/plan --json, --markdown, routing maps) and the artifact writer
+go through here, so these three rules hold for all of them at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+# Causes that are the destination's, not a bug of ours: full disk or quota, a read-only or
+# unwritable folder, a file where a folder should be. Anything else keeps its traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                          errno.ENOTDIR, errno.EISDIR})
+
+
+def write_error(path: str | Path, e: OSError) -> UserError | None:
+    """The one-line error for `e` raised while writing `path`, or None for other causes."""
+    if e.errno not in WRITE_ERRNOS:
+        return None
+    return UserError(f"cannot write {path}: {e.strerror or e}")
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a destination's OSError (see WRITE_ERRNOS) inside the block into a UserError naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        failure = write_error(path, e)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: str | Path) -> None:
+    """mkstemp makes 0600 files (private temporaries); a finished output gets what open()
+    would have given it: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~umask())
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """`data` at `path`, whole or not at all: a temp file in the same folder, then os.replace.
+    The temp file is removed on any failure (Ctrl-C, SIGTERM, a full disk)."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            usual_mode(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
