@@ -122,7 +122,7 @@ def emit_json(path: str, payload: dict[str, Any]) -> None:
     if path == "-":
         print(json.dumps(payload, indent=1))
         return
-    from .trace import save_json
+    from .results import save_json
 
     save_json(path, payload)
 
@@ -177,18 +177,20 @@ def print_plan(r: dict[str, Any], budget: float | None) -> None:
           f"(none: {r['kv_cache_bytes_fp16_none'] / mib:.1f} MiB)")
 
 
-def read_inputs(args: argparse.Namespace, prepare: Callable[[Any, str], Any]) -> Any:
-    """--input-ids/--pixel-values[/--image-grid-thw] as given, or --image/--prompt through
-    `prepare(image, prompt)` (a model's or an artifact's preprocessor)."""
+def read_inputs(args: argparse.Namespace, prepare: Callable[[Any, str], Any], as_torch: bool = False) -> Any:
+    """--input-ids/--pixel-values[/--image-grid-thw] as given (numpy ArrayInputs, or VLInputs
+    `as_torch` for the eager model), or --image/--prompt through `prepare(image, prompt)` (a
+    model's or an artifact's preprocessor). Torch is imported only `as_torch`."""
+    from .inputs import load_npy_inputs
     from .preprocess import load_image
-    from .trace import arrays_to_inputs
 
     if args.input_ids or args.pixel_values:
         if args.image or args.prompt:
             raise UserError("give --image/--prompt or --input-ids/--pixel-values, not both")
         if not (args.input_ids and args.pixel_values):
             raise UserError("--input-ids and --pixel-values go together")
-        return arrays_to_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)
+        arrays = load_npy_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)
+        return arrays.to_torch() if as_torch else arrays
     if args.image and args.prompt is not None:
         return prepare(load_image(args.image), args.prompt)
     raise UserError("give --image FILE --prompt TEXT, or --input-ids ids.npy --pixel-values pv.npy")
@@ -197,14 +199,12 @@ def read_inputs(args: argparse.Namespace, prepare: Callable[[Any, str], Any]) ->
 def load_inputs(loaded: Any, args: argparse.Namespace) -> Any:
     from .trace import check_inputs
 
-    inputs = read_inputs(args, lambda image, prompt: loaded.preprocessor([image], [prompt]))
+    inputs = read_inputs(args, lambda image, prompt: loaded.preprocessor([image], [prompt]), as_torch=True)
     check_inputs(loaded, inputs)
     return inputs
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .trace import check_positions, for_inputs, run_trace
-
     if args.max_new_tokens < 0:
         raise UserError("--max-new-tokens must be >= 0")
     if (args.model is None) == (args.artifact is None):
@@ -216,8 +216,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         result = art.trace(artifact_inputs(art, args), args.max_new_tokens)
         name = f"{art.manifest['model']} (artifact {shown_dir(args.artifact)}, {art.manifest['precision']})"
         family, thw = art.family, art.manifest.get("image_grid_thw")
-    else:
+    else:  # the eager reference: torch and transformers (the --artifact path needs neither)
         from .registry import load
+        from .trace import check_positions, for_inputs, run_trace
 
         loaded = load(args.model)
         inputs = load_inputs(loaded, args)
@@ -236,7 +237,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def print_trace(name: str, result: Any) -> None:
-    from .trace import stage_table
+    from .results import stage_table
 
     plan = result.plan
     print(f"{name}  method={plan.method}  N={plan.visual_tokens}  avg visual tokens/layer={plan.avg_visual_tokens:.2f}")
@@ -598,14 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_args(p)
     p.set_defaults(func=cmd_export)
 
-    # Commands that live beside their stage (each module registers its own subparser).
-    from .bench import register_cli as register_bench
-    from .calibrate import register_cli as register_calibrate
-    from .inspect_artifact import register_cli as register_inspect
+    # Commands that live beside their stage (each module registers its own subparser); on a
+    # runtime-only install a module that cannot be imported leaves a one-line stand-in.
+    from .full_install import register_stage
 
-    register_calibrate(sub)
-    register_bench(sub)
-    register_inspect(sub)
+    register_stage(sub, "calibrate", "calibrate")
+    register_stage(sub, "bench", "bench")
+    register_stage(sub, "inspect_artifact", "inspect")
     return parser
 
 
@@ -666,7 +666,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    return func(args)
+    from .full_install import run_command
+
+    return run_command(func, args)  # a torch-needing command on a runtime install: one line
 
 
 class Terminated(KeyboardInterrupt):

@@ -41,6 +41,15 @@ def writing(path: str | Path) -> Iterator[None]:
         raise failure from None
 
 
+def check_folders_above(path: str | Path) -> None:
+    """A file where a folder above `path` should be: mkdir's bare "File exists" names neither."""
+    for above in Path(path).parents:
+        if above.exists():
+            if not above.is_dir():
+                raise UserError(f"cannot write {path}: {above} is a file, not a folder")
+            return
+
+
 def umask() -> int:
     """The process umask, read without changing it where Linux shows it (os.umask sets it to read it)."""
     try:
@@ -64,6 +73,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     """`data` at `path`, whole or not at all: a temp file in the same folder, then os.replace.
     The temp file is removed on any failure (Ctrl-C, SIGTERM, a full disk)."""
     path = Path(path)
+    check_folders_above(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -20,36 +20,38 @@ import math
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import PIL.Image
 import PIL.ImageOps
-import torch
-from transformers import AutoTokenizer, CLIPImageProcessorPil, Qwen2VLImageProcessorPil
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from reroute_export.errors import UserError
+from reroute_export.families import llava_host, qwen2_5_vl_host
+
+if TYPE_CHECKING:  # torch and transformers when a Preprocessor is made: `load_image` and the
+    # constants serve the torch-free runtime too (reroute_export/runtime/, cli generate)
+    import torch
+    from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessorPil
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    ImageProcessor = CLIPImageProcessorPil | Qwen2VLImageProcessorPil
 
 LLAVA = "llava"
 QWEN2_5_VL = "qwen2.5-vl"
 FAMILIES = (LLAVA, QWEN2_5_VL)
 
-# The prompt each family's chat template renders for one user turn holding one image.
-LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
-QWEN2_5_VL_TEMPLATE = (
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
-IMAGE_TOKENS = {LLAVA: "<image>", QWEN2_5_VL: "<|image_pad|>"}
-VIDEO_TOKEN_QWEN = "<|video_pad|>"
+# The prompt each family's chat template renders for one user turn holding one image, and
+# its tokens: declared once with the family's host recipe (families/*_host.py), which the
+# torch-free runtime uses too.
+LLAVA_TEMPLATE = llava_host.TEMPLATE
+QWEN2_5_VL_TEMPLATE = qwen2_5_vl_host.TEMPLATE
+IMAGE_TOKENS = {LLAVA: llava_host.IMAGE_TOKEN, QWEN2_5_VL: qwen2_5_vl_host.IMAGE_TOKEN}
+VIDEO_TOKEN_QWEN = qwen2_5_vl_host.VIDEO_TOKEN
 
 # Qwen2.5-VL-7B as evaluated by the authors: images capped at 451584 px = 576 tokens.
-QWEN_DEFAULT_MAX_PIXELS = 451584
+QWEN_DEFAULT_MAX_PIXELS = qwen2_5_vl_host.DEFAULT_MAX_PIXELS
 # Our own settings file, written next to the HF files so a round trip keeps the grid.
 SETTINGS_FILE = "reroute_preprocess.json"
-
-ImageProcessor = CLIPImageProcessorPil | Qwen2VLImageProcessorPil
 
 
 @dataclass
@@ -67,6 +69,8 @@ class VLInputs:
 
     def to(self, device: str | torch.device) -> "VLInputs":
         """The same inputs with every tensor on `device`."""
+        import torch
+
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return VLInputs(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
@@ -125,7 +129,8 @@ def _check_decoded_size(path: Path, image: PIL.Image.Image, full: tuple[int, int
     if width * height <= MAX_DECODED_PIXELS:
         return
     limit = f"the {MAX_DECODED_PIXELS / 1e6:.1f} MP this decodes"
-    how = (f"even at 1/8 scale {width * height / 1e6:.1f} MP, above {limit}" if image.format == "JPEG"
+    scale = round(full[0] / width)  # the draft chose 1, 2, 4 or 8
+    how = (f"even at 1/{scale} scale {width * height / 1e6:.1f} MP, above {limit}" if image.format == "JPEG"
            else f"above {limit}, and {image.format or 'this format'} cannot be decoded at reduced scale (JPEG can)")
     raise UserError(f"image {path} is {full[0]}x{full[1]} ({full[0] * full[1] / 1e6:.1f} MP): {how}; "
                     f"downscale it first")
@@ -286,7 +291,7 @@ class Preprocessor:
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Generated ids -> text, without special tokens (BOS/EOS/pad/image)."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -327,6 +332,8 @@ class Preprocessor:
             raise UserError(f"checkpoint folder not found: {directory}")
         saved = _read_json(directory / SETTINGS_FILE)
         config = _read_json(directory / "config.json")
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if family == LLAVA:
             if image_size not in ("auto", None):
@@ -346,6 +353,8 @@ class Preprocessor:
         strategy = saved.get("vision_feature_select_strategy") or config.get(
             "vision_feature_select_strategy", "default"
         )
+        from transformers import CLIPImageProcessorPil
+
         image_processor = CLIPImageProcessorPil.from_pretrained(directory)
         if vision:  # a model's folder (an artifact's preprocessor/ has no config.json)
             _check_clip_size(directory, image_processor, int(vision.get("image_size", 224)))  # CLIP's default
@@ -368,6 +377,8 @@ class Preprocessor:
         """Fixed grid by default: saved size, else the largest square within the processor's
         own bounds, its longest_edge capped at the authors' 451584 px (the checkpoint's
         settings win over the registered default: 50176 px -> 224x224 -> 64 tokens)."""
+        from transformers import Qwen2VLImageProcessorPil
+
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
         cap = max_pixels or min(image_processor.size["longest_edge"], QWEN_DEFAULT_MAX_PIXELS)
         image_processor.size["longest_edge"] = cap  # the evaluated setting caps images

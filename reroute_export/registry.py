@@ -236,6 +236,7 @@ def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None,
     _check_weights(folder)
     check_weight_files(folder)  # a truncated file: one line naming it, not safetensors' traceback
     cls = getattr(transformers, family.model_class)
+    pre = Preprocessor.from_pretrained(folder, family.name)  # a bad processor fails before the weights load
     if str(device) == "meta":  # the architecture only: the streamed export reads each weight from the files
         from .tiny import meta_parameters
 
@@ -246,6 +247,5 @@ def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None,
     else:
         check_fits(folder, dtype.itemsize, str(dtype).removeprefix("torch."))  # one line, not a silent OOM kill
         model = cls.from_pretrained(folder, dtype=dtype).eval()
-    pre = Preprocessor.from_pretrained(folder, family.name)
     spec = _spec_for_config(name or folder.name, family, model.config, pre.visual_tokens)
     return Loaded(spec, family, model, pre, checkpoint=folder.resolve())

@@ -4,70 +4,26 @@ last-prompt logits and greedy tokens, in the JSON contract CI parity checks cons
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import UserError
+from .inputs import load_npy_inputs
 from .plan import RoutingPlan
 from .registry import Loaded
+from .results import TraceResult, save_json, stage_table  # noqa: F401  (re-exported: torch-free home)
 from .routing import RoutedModel, generate
-
-
-@dataclass
-class TraceResult:
-    decisions: dict[str, list[int]]  # decision layer -> ascending visual indices active after it
-    last_logits: list[float]
-    generated_ids: list[int]
-    text: str
-    plan: RoutingPlan
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "decisions": self.decisions,
-            "last_logits": self.last_logits,
-            "generated_ids": self.generated_ids,
-            "text": self.text,
-            "plan": self.plan.to_dict(),
-        }
 
 
 # ---------------------------------------------------------------- inputs
 
 
-def _load_npy(path: str, what: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UserError(f"{what} file not found: {path}") from None
-    except (ValueError, OSError) as e:
-        raise UserError(f"{what} is not a .npy array: {path} ({e})") from None
-
-
 def arrays_to_inputs(input_ids: str, pixel_values: str, image_grid_thw: str | None) -> Any:
     """Processor outputs saved as .npy -> VLInputs (int64 ids (1, L), float32 pixels)."""
-    from .preprocess import VLInputs
-
-    ids = _load_npy(input_ids, "--input-ids")
-    if ids.ndim != 2 or ids.shape[0] != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise UserError(f"--input-ids must be an integer array of shape [1, L], got {ids.dtype} {list(ids.shape)}")
-    pv = _load_npy(pixel_values, "--pixel-values")
-    if not np.issubdtype(pv.dtype, np.floating):
-        raise UserError(f"--pixel-values must be a float array, got {pv.dtype}")
-    thw = None
-    if image_grid_thw is not None:
-        grid = _load_npy(image_grid_thw, "--image-grid-thw")
-        if grid.ndim != 2 or grid.shape[1] != 3:
-            raise UserError(f"--image-grid-thw must have shape [num_images, 3], got {list(grid.shape)}")
-        thw = torch.from_numpy(grid.astype(np.int64))
-    return VLInputs(
-        input_ids=torch.from_numpy(ids.astype(np.int64)),
-        pixel_values=torch.from_numpy(pv.astype(np.float32)),
-        image_grid_thw=thw,
-    )
+    return load_npy_inputs(input_ids, pixel_values, image_grid_thw).to_torch()
 
 
 def check_inputs(loaded: Loaded, inputs: Any) -> None:
@@ -170,23 +126,6 @@ def run_trace(loaded: Loaded, plan: RoutingPlan, inputs: Any, max_new_tokens: in
     decisions = {str(s.layer): d[0].tolist() for s, d in zip(plan.stages, pre.decisions)}
     ids = new_ids[0].tolist()
     return TraceResult(decisions, pre.logits[0].tolist(), ids, loaded.preprocessor.decode(ids), plan)
-
-
-def stage_table(result: TraceResult) -> list[dict[str, Any]]:
-    """Per decision: tokens kept, deferred (or deleted) and re-entered after a deferral."""
-    rows, seen_deferred, n = [], set(), result.plan.visual_tokens
-    for s, (layer, kept) in zip(result.plan.stages, result.decisions.items()):
-        kept_set = set(kept)
-        back = kept_set & seen_deferred
-        seen_deferred |= set(range(n)) - kept_set
-        rows.append({"layer": int(layer), "kept": len(kept), "deferred": n - len(kept), "re-entered": len(back)})
-    return rows
-
-
-def save_json(path: str | Path, payload: dict[str, Any]) -> None:
-    import json
-
-    write_text(path, json.dumps(payload, indent=1))
 
 
 def write_text(path: str | Path, text: str) -> None:

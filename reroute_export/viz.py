@@ -42,7 +42,7 @@ import PIL.ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserError
-from .files import usual_mode
+from .files import check_folders_above, usual_mode
 
 ACTIVE, DEFERRED, REENTERED = "active", "deferred", "re-entered"
 STATES = (ACTIVE, DEFERRED, REENTERED)
@@ -384,6 +384,7 @@ def _save_png(canvas: PIL.Image.Image, path: Any, meta: dict[str, Any]) -> Path:
     path = Path(path)
     info = PngInfo()
     info.add_text(METADATA_KEY, json.dumps(meta))
+    check_folders_above(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -173,10 +173,13 @@ def test_killed_writer_leftovers_are_cleaned_by_the_next_run(tmp_path) -> None:
     stale = Path(proc.stdout.strip())
     assert stale.is_dir() and stale.name.startswith(f".{out.name}.tmp-")  # what a SIGKILL leaves
     assert snapshot(out) == before  # the previous artifact is untouched
-    # a live writer's temp folder (our own PID) is never touched
+    # the next writer removes it; a second writer while one is live is refused (the output's
+    # lock), so a live writer's temp folder is never touched
     with ArtifactWriter(out, force=True) as live:
-        write(out, "new", force=True)
         assert not stale.exists() and live.path.is_dir()
+        with pytest.raises(UserError, match=f"another export is writing {out}"):
+            write(out, "new", force=True)
+        assert live.path.is_dir()
         live.write_manifest({})
     assert siblings(out) == []
 

@@ -148,23 +148,136 @@ def _wait_for_partial(out: Path, proc: subprocess.Popen, timeout: float = 240) -
     raise AssertionError("export never started writing")
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "kill"])
 def test_interrupted_export_keeps_the_previous_artifact(how: str, tmp_path) -> None:
     out = tmp_path / "artifact"
     shutil.copytree(tiny_artifact("llava"), out)
     before = tree(tmp_path)
     proc = _export_process(out)
     partial = _wait_for_partial(out, proc)
-    proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    proc.send_signal({"ctrl-c": signal.SIGINT, "sigterm": signal.SIGTERM, "kill": signal.SIGKILL}[how])
     _, err = proc.communicate(timeout=120)
     assert tree(out) == {k.split("/", 1)[1]: v for k, v in before.items() if k.startswith("artifact/")}
-    if how == "ctrl-c":
-        assert proc.returncode == 130 and "interrupted" in err
+    if how != "kill":  # SIGTERM unwinds like Ctrl-C: one line, the temporary folder and lock removed
+        code, said = (130, "reroute-export: interrupted\n") if how == "ctrl-c" else \
+            (143, "reroute-export: terminated (SIGTERM)\n")
+        assert proc.returncode == code and err.endswith(said), err
         assert not partial.exists()  # cleaned up on the way out
-        assert tree(tmp_path) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"] and tree(tmp_path) == before
     else:
         assert proc.returncode == -signal.SIGKILL  # nothing could run: the next writer cleans up
         from reroute_export.export.artifact import cleanup_stale
 
         cleanup_stale(out)
         assert not partial.exists() and tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------- inputs once accepted silently
+
+
+@pytest.mark.parametrize("args,message", [
+    (["plan", "--model", "tiny-llava", "--budget", "abc"], "argument --budget: expected a number, got 'abc'"),
+    (["--model", "tiny-llava", "--budget", "abc", "--output", "x"], "argument --budget: expected a number, got 'abc'"),
+    (["trace", "--model", "tiny-llava", "--max-new-tokens", "ten"],
+     "argument --max-new-tokens: expected an integer, got 'ten'"),
+    (["plan", "--model", "tiny-llava", "--method", "magic"], "argument --method: invalid choice: 'magic'"),
+    (["lint"], "the following arguments are required: target"),
+])
+def test_argument_errors_are_one_line_without_usage(args, message, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"reroute-export: error: {message}"), err
+
+
+def test_a_folder_as_image(tmp_path, capsys) -> None:
+    err = one_line_error(capsys, ["trace", "--model", "tiny-llava", "--budget", "32", "--image", tmp_path,
+                                  "--prompt", "x"])
+    assert f"--image {tmp_path} is a folder, not an image file" in err
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height (signature + IHDR + IEND): enough for Pillow to open it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_huge_image_that_cannot_decode_small_is_named_with_its_size(tmp_path, capsys) -> None:
+    png = _png_header(tmp_path / "huge.png", 15000, 12000)
+    err = one_line_error(capsys, ["trace", "--model", "tiny-llava", "--budget", "32", "--image", png,
+                                  "--prompt", "x"])
+    assert f"image {png} is 15000x12000 (180.0 MP): above the 89.5 MP this decodes" in err
+    assert "PNG cannot be decoded at reduced scale" in err
+
+
+@pytest.mark.parametrize("size,decoded", [((12000, 9000), (3000, 2250)), ((15000, 12000), (1875, 1500))])
+def test_big_jpegs_decode_at_reduced_scale_without_warnings(size, decoded, tmp_path) -> None:
+    """Pillow warned (12000x9000) or refused as "corrupt" (15000x12000); the models resize to <= 672 px."""
+    import warnings
+
+    import PIL.Image
+
+    from reroute_export.preprocess import load_image
+
+    path = tmp_path / "big.jpg"
+    PIL.Image.new("L", size, 128).save(path, quality=50)  # flat grey: ~0.2 s, small file
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning fails the test
+        image = load_image(path)
+    assert image.size == decoded and image.mode == "RGB"
+    assert PIL.Image.MAX_IMAGE_PIXELS == limit  # Pillow's own limit is back for everyone else
+
+
+def test_a_jpeg_too_big_even_at_one_eighth(tmp_path, monkeypatch) -> None:
+    import PIL.Image
+
+    from reroute_export import preprocess
+    from reroute_export.errors import UserError
+
+    path = tmp_path / "big.jpg"
+    PIL.Image.new("L", (4000, 3000), 128).save(path)
+    monkeypatch.setattr(preprocess, "DRAFT_SIDE", 64)  # so 1/8 is as far as the draft goes, as for a 40k px JPEG
+    monkeypatch.setattr(preprocess, "MAX_DECODED_PIXELS", 100_000)  # 1/8 scale gives 500x375 = 187,500 px
+    with pytest.raises(UserError, match=r"is 4000x3000 \(12.0 MP\): even at 1/8 scale 0.2 MP, above the 0.1 MP"):
+        preprocess.load_image(path)
+
+
+def test_eager_trace_past_the_model_positions_is_refused(capsys) -> None:
+    from reroute_export.tiny import MAX_POSITIONS
+
+    err = one_line_error(capsys, ["trace", "--model", "tiny-llava", "--budget", "32", "--image", IMAGE,
+                                  "--prompt", "word " * MAX_POSITIONS])
+    assert f"tiny-llava has {MAX_POSITIONS} (max_position_embeddings)" in err and "--max-new-tokens 16" in err
+
+
+# ---------------------------------------------------------------- lint verifies an artifact first
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no manifest", "manifest.json is missing"),
+    ("broken manifest", "manifest.json is unreadable"),
+    ("changed byte", f"{C.DECODE} checksum mismatch"),
+])
+def test_lint_refuses_what_every_other_command_refuses(damage, message, art_copy, capsys) -> None:
+    if damage == "no manifest":
+        (art_copy / C.MANIFEST).unlink()
+    elif damage == "broken manifest":
+        (art_copy / C.MANIFEST).write_text('{"format": "reroute-export/')
+    else:
+        with open(art_copy / C.DECODE, "r+b") as f:
+            f.seek(200)
+            byte = f.read(1)
+            f.seek(200)
+            f.write(bytes([byte[0] ^ 1]))
+    err = one_line_error(capsys, ["lint", art_copy])
+    assert message in err, err
+    assert main(["lint", str(art_copy / C.VISION), "--quiet"]) == 0  # a bare .onnx file stays lintable

@@ -268,6 +268,27 @@ def test_samples_bundled_with_licences() -> None:
 
 def test_fixed_image_size_for_qwen_7b_cap() -> None:
     assert fixed_image_size(451584, 28) == (672, 672)  # grid 48x48 -> 576 tokens
+    assert fixed_image_size(50176, 28, 50176) == (224, 224)
+    with pytest.raises(UserError, match="no square image"):
+        fixed_image_size(50000, 28, 50000)  # 196x196 is under the lower bound, 224x224 over the upper
+
+
+def test_qwen_checkpoint_bounds_set_the_grid(tmp_path: Path) -> None:
+    """A hub folder's own pixel bounds (no settings of ours) fix the square: 50176 px -> 224x224."""
+    import json
+
+    from reroute_export.preprocess import SETTINGS_FILE
+
+    _, pre = tiny_qwen2_5_vl()
+    pre.save_pretrained(tmp_path)
+    (tmp_path / SETTINGS_FILE).unlink()
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    config["size"] = {"shortest_edge": 50176, "longest_edge": 50176}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    loaded = Preprocessor.from_pretrained(tmp_path, "qwen2.5-vl")
+    assert loaded.image_size == (224, 224) and loaded.visual_tokens == 64
+    wide = loaded.for_grid((1, 8, 14))  # arrays given with another grid: the copy admits it
+    assert wide.image_size == (112, 196) and wide.visual_tokens == 28 and loaded.image_size == (224, 224)
 
 
 # --------------------------------------------------------------------------- parity with HF processors

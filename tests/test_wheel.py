@@ -13,6 +13,7 @@ the README's main job run from an empty folder.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import shutil
@@ -66,21 +67,27 @@ def _site_packages(venv: Path) -> Path:
     return Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
 
 
+def _step(argv: list[str]) -> None:
+    """One build/install step; a failure shows pip's own message, not just the exit code."""
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(argv)}\n{(out.stdout + out.stderr)[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Installed:
     start = time.monotonic()
     work = tmp_path_factory.mktemp("wheel")
     src = _copy_sources(work / "src")
-    check = {"check": True, "capture_output": True, "text": True}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(work / "dist"), str(src)], **check)
+    # Without build isolation where setuptools is here (no network needed); else pip fetches it.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    _step([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(work / "dist"), str(src)])
     (wheel,) = (work / "dist").glob("reroute_export-*.whl")
     venv = work / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], **check)
+    _step([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    # This environment's pip installs into the fresh one, seeing only the fresh one's packages:
+    # the dependencies' .pth comes after, or pip would find (and try to replace) the checkout's install.
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    # pip from this environment, installing into the fresh one; it sees only the fresh one's packages
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-                    "-q", str(wheel)], **check)
+    _step([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)])
     site = _site_packages(venv)
     deps = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
     (site / "_reroute_test_deps.pth").write_text("".join(f"{d}\n" for d in deps))

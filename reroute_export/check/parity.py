@@ -118,7 +118,7 @@ def check_input(loaded: Any, art: Any, plan: Any, item: ParityInput, tokens: int
     from ..trace import run_trace
 
     image = load_image(item.image)
-    inputs = art.prepare(image, item.prompt)
+    inputs = art.prepare(image, item.prompt).to_torch()  # the artifact's own preprocessing, for both sides
     ref = run_trace(loaded, plan, inputs, tokens)
     got = art.trace(inputs, tokens)
     metrics = compare(ref, got)

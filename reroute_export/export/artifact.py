@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from ..errors import UserError
-from ..files import write_error, writing
+from ..files import check_folders_above, write_error, writing
 from . import contract as C
 
 _CHUNK = 1 << 20  # hash in 1 MiB reads: graphs with external weights reach gigabytes
@@ -78,7 +78,8 @@ def cleanup_stale(output: Path) -> None:
     A temp folder is an unfinished export: delete it. An `.old` folder is a previous
     artifact moved aside during a commit: if the writer died before the new folder took
     its place (`output` missing) it is restored, otherwise the replacement finished and
-    only the deletion was cut short.
+    only the deletion was cut short. A lock file nobody holds (the kernel let go of a
+    killed writer's flock) is removed; a held one, ours included, stays.
     """
     for tmp in _stale_siblings(output, "tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -87,6 +88,11 @@ def cleanup_stale(output: Path) -> None:
             os.rename(old, output)
         else:
             shutil.rmtree(old, ignore_errors=True)
+    if _lock_path(output).exists():
+        try:
+            _unlock(output, _lock(output))
+        except (UserError, OSError):
+            pass  # held by a live writer (or by this one), or not ours to remove
 
 
 # ---------------------------------------------------------------- what we may replace
@@ -121,19 +127,10 @@ def check_output(output: Path, force: bool) -> None:
     export, or sits in a folder we cannot write; the writer checks again."""
     cleanup_stale(output)
     _check_replaceable(output, force)
-    _check_parent(output)
+    check_folders_above(output)
     if output.parent.is_dir():
         with writing(output):
             _unlock(output, _lock(output))  # taken and let go: only a probe, before minutes of work
-
-
-def _check_parent(output: Path) -> None:
-    """A file where a folder above OUT should be: mkdir's bare "File exists" would not say which."""
-    for above in output.parents:
-        if above.exists():
-            if not above.is_dir():
-                raise UserError(f"cannot write {output}: {above} is a file, not a folder")
-            return
 
 
 # ---------------------------------------------------------------- one writer per output
@@ -245,7 +242,7 @@ class ArtifactWriter:
         self._manifest_files: dict[str, dict[str, Any]] | None = None
 
     def __enter__(self) -> "ArtifactWriter":
-        _check_parent(self.output)
+        check_folders_above(self.output)
         with writing(self.output):
             self.output.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = _lock(self.output)

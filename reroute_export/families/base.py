@@ -8,10 +8,15 @@ for Qwen2.5-VL). Everything else (scoring, routing, caches) is family-agnostic.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch only for annotations: the torch-free runtime imports every family
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from .host import ImageRecipe
 
 
 class Family:
@@ -26,6 +31,11 @@ class Family:
     # keys already in the module layout match none). Used by the streamed export, which
     # reads each weight straight from the safetensors files.
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Host side (numpy + PIL + tokenizers; preprocess.Preprocessor and runtime/processor.py):
+    prompt_template: ClassVar[str]  # one user turn holding one image: "{prompt}" and one image_token
+    image_token: ClassVar[str]  # the placeholder, expanded to one token per visual feature
+    video_token: ClassVar[str | None] = None  # mm_token_type_ids marks it 2 (image tokens 1)
+    mm_token_types: ClassVar[bool] = False  # the HF forward takes mm_token_type_ids
 
     # -- model anatomy
     @staticmethod
@@ -70,3 +80,20 @@ class Family:
     def visual_tokens(cls, config: Any, image_size: int) -> int:
         """N visual tokens one square image of `image_size` px gives under `config`."""
         raise NotImplementedError
+
+    # -- host side: numpy only, no torch (the artifact runtime calls these)
+    @classmethod
+    def host_images(cls, folder: Path, settings: dict[str, Any]) -> ImageRecipe:
+        """The family's HF image processor in numpy + PIL, as a saved preprocessor folder
+        (preprocessor_config.json + our reroute_preprocess.json `settings`) configures it."""
+        raise NotImplementedError
+
+    @classmethod
+    def host_positions(cls, ids: np.ndarray, grid: np.ndarray | None, manifest: dict[str, Any]) -> np.ndarray:
+        """The unpruned model's position ids for one prompt `ids` (L,): (1, L) or (3, 1, L)."""
+        raise NotImplementedError
+
+    @classmethod
+    def host_grid(cls, manifest: dict[str, Any]) -> np.ndarray | None:
+        """The image grid an artifact's static vision graph was exported for, if the family has one."""
+        return None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import nn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..registry import register_family
+from . import llava_host
 from .base import Family
+
+if TYPE_CHECKING:  # torch lazily: importing a family must not cost the torch-free runtime torch
+    import numpy as np
+    import torch
+    from torch import nn
 
 
 @register_family
@@ -25,6 +29,8 @@ class Llava(Family):
         (r"^vision_tower\.", "model.vision_tower."),
         (r"^multi_modal_projector\.", "model.multi_modal_projector."),
     )
+    prompt_template = llava_host.TEMPLATE
+    image_token = llava_host.IMAGE_TOKEN
 
     @staticmethod
     def image_token_id(model: nn.Module) -> int:
@@ -40,12 +46,16 @@ class Llava(Family):
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             return_dict=True,
         )
+        import torch
+
         return torch.cat(list(out.pooler_output), dim=0)  # (B*N, D)
 
     @classmethod
     def positions(cls, model: nn.Module, inputs: Any) -> torch.Tensor:
         ids, mask = inputs.input_ids, inputs.attention_mask
         if mask is None:
+            import torch
+
             return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)  # (B, L)
         # Left padding: positions count real tokens only, as HF generate does.
         return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
@@ -73,3 +83,13 @@ class Llava(Family):
         # one token per patch; the "full" strategy keeps the CLS token too
         full = getattr(config, "vision_feature_select_strategy", "default") == "full"
         return (image_size // config.vision_config.patch_size) ** 2 + full
+
+    @classmethod
+    def host_images(cls, folder: Path, settings: dict[str, Any]) -> llava_host.ClipImages:
+        return llava_host.ClipImages.from_folder(folder, settings)
+
+    @classmethod
+    def host_positions(cls, ids: np.ndarray, grid: np.ndarray | None, manifest: dict[str, Any]) -> np.ndarray:
+        from ..runtime.positions import llava_positions  # lazily: runtime/ imports the families
+
+        return llava_positions(len(ids))  # (1, L)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import nn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..registry import register_family
+from . import qwen2_5_vl_host
 from .base import Family
+
+if TYPE_CHECKING:  # torch lazily: importing a family must not cost the torch-free runtime torch
+    import numpy as np
+    import torch
+    from torch import nn
 
 
 @register_family
@@ -23,12 +27,18 @@ class Qwen25VL(Family):
         (r"^visual\.", "model.visual."),
         (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
     )
+    prompt_template = qwen2_5_vl_host.TEMPLATE
+    image_token = qwen2_5_vl_host.IMAGE_TOKEN
+    video_token = qwen2_5_vl_host.VIDEO_TOKEN
+    mm_token_types = True  # 3-D mRoPE positions come from them
 
     @classmethod
     def image_features(cls, model: nn.Module, inputs: Any) -> torch.Tensor:
         out = model.model.get_image_features(
             inputs.pixel_values.to(model.dtype), inputs.image_grid_thw, return_dict=True
         )
+        import torch
+
         return torch.cat(list(out.pooler_output), dim=0)  # (sum_i t*h*w/merge^2, D)
 
     @classmethod
@@ -63,3 +73,20 @@ class Qwen25VL(Family):
         # (side / patch)^2 patches, merged spatial_merge_size^2 -> 1 before the decoder
         v = config.vision_config
         return (image_size // (v.patch_size * v.spatial_merge_size)) ** 2
+
+    @classmethod
+    def host_images(cls, folder: Path, settings: dict[str, Any]) -> qwen2_5_vl_host.QwenImages:
+        return qwen2_5_vl_host.QwenImages.from_folder(folder, settings)
+
+    @classmethod
+    def host_positions(cls, ids: np.ndarray, grid: np.ndarray | None, manifest: dict[str, Any]) -> np.ndarray:
+        from ..runtime.positions import qwen_positions  # lazily: runtime/ imports the families
+
+        merge = int(manifest["spatial_merge_size"])
+        return qwen_positions(ids, int(manifest["image_token_id"]), grid, merge)  # (3, 1, L)
+
+    @classmethod
+    def host_grid(cls, manifest: dict[str, Any]) -> np.ndarray:
+        import numpy as np
+
+        return np.asarray(manifest.get("image_grid_thw"), dtype=np.int64).reshape(1, 3)  # (1, 3)

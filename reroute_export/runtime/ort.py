@@ -21,15 +21,23 @@ import numpy as np
 import onnxruntime as ort
 import PIL.Image
 
+# Nothing here may import torch or transformers, even indirectly: an artifact runs on an
+# install of numpy, Pillow, tokenizers and onnxruntime alone (tests/test_runtime_torchfree.py).
 from ..errors import GraphRunError, UserError
 from ..export import contract as C
 from ..export.artifact import read_manifest
+from ..inputs import ArrayInputs
 from ..plan import RoutingPlan
-from ..preprocess import QWEN2_5_VL, Preprocessor, VLInputs
-from .positions import llava_positions, next_position, qwen_positions
+from ..registry import get_family
+from ..results import TraceResult
+from .positions import next_position
+from .processor import ArtifactProcessor
 
 if TYPE_CHECKING:
-    from ..trace import TraceResult
+    from ..preprocess import VLInputs
+
+    # numpy (this runtime's processor, .npy files) or torch tensors (the eager side's Preprocessor)
+    Inputs = ArrayInputs | VLInputs
 
 THREADS_ENV = "REROUTE_EXPORT_THREADS"
 KV = list[tuple[np.ndarray, np.ndarray]]  # per layer: key, value (1, nkv, T_i, hd)
@@ -77,7 +85,7 @@ def _session_options(spin: bool = True) -> ort.SessionOptions:
 
 
 def _numpy(x: Any) -> np.ndarray:
-    """torch tensors (VLInputs fields) or arrays -> numpy, without importing torch here."""
+    """torch tensors (VLInputs fields) or arrays (ArrayInputs) -> numpy, without importing torch."""
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
@@ -129,13 +137,14 @@ class OrtArtifact:
     manifest: dict[str, Any]
     plan: RoutingPlan
     family: str
-    preprocessor: Preprocessor
+    preprocessor: ArtifactProcessor
 
     def __init__(self, folder: Path, manifest: dict[str, Any], graphs: dict[str, Graph],
-                 embed_tokens: np.ndarray, preprocessor: Preprocessor) -> None:
+                 embed_tokens: np.ndarray, preprocessor: ArtifactProcessor) -> None:
         self.folder, self.manifest = folder, manifest
         self.plan = RoutingPlan.from_dict(manifest["plan"])
         self.family = manifest["family"]
+        self.host = get_family(self.family)  # the family's host-side rules (positions, grid)
         self.preprocessor = preprocessor
         self.embed_tokens = embed_tokens  # (V, D), memory-mapped
         self._vision, self._prefill, self._decode = graphs["vision"], graphs["prefill"], graphs["decode"]
@@ -152,7 +161,7 @@ class OrtArtifact:
         graphs = {role: Graph(folder / names[role], providers, spin=role == "decode")
                   for role in ("vision", "prefill", "decode")}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
-        pre = Preprocessor.from_pretrained(folder / C.PREPROCESSOR, manifest["family"])
+        pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
         return cls(folder, manifest, graphs, embed, pre)
 
     # ------------------------------------------------------------ inputs
@@ -166,13 +175,14 @@ class OrtArtifact:
         if length > limit:
             raise UserError(f"prompt has {length} tokens; this artifact takes at most {limit}")
 
-    def prepare(self, image: PIL.Image.Image, prompt: str) -> VLInputs:
-        """(image, prompt) -> model inputs with the artifact's own tokenizer and image processor."""
-        inputs = self.preprocessor([image], [prompt])
+    def prepare(self, image: PIL.Image.Image, prompt: str) -> ArrayInputs:
+        """(image, prompt) -> model inputs (numpy) with the artifact's own tokenizer and image
+        processor; `.to_torch()` gives the eager reference the very same inputs."""
+        inputs = self.preprocessor(image, prompt)
         self._check_length(int(inputs.input_ids.shape[1]))
         return inputs
 
-    def _check(self, inputs: VLInputs) -> _Checked:
+    def _check(self, inputs: Inputs) -> _Checked:
         """One-line errors for inputs this artifact cannot run, before any graph sees them."""
         ids = _numpy(inputs.input_ids).astype(np.int64)  # (1, L)
         if ids.ndim != 2 or ids.shape[0] != 1:
@@ -198,9 +208,9 @@ class OrtArtifact:
 
     def _check_grid(self, given: Any) -> np.ndarray | None:
         """Qwen2.5-VL: the vision graph is static, so the grid must be the exported one."""
-        if self.family != QWEN2_5_VL:
+        fixed = self.host.host_grid(self.manifest)  # (1, 3), or None: the family has no grid
+        if fixed is None:
             return None
-        fixed = np.asarray(self.manifest.get("image_grid_thw"), dtype=np.int64).reshape(1, 3)  # (1, 3)
         if given is not None and not np.array_equal(_numpy(given).reshape(-1, 3), fixed):
             raise UserError(f"image grid {_numpy(given).reshape(-1).tolist()} differs from the exported "
                             f"grid {fixed[0].tolist()}; use the artifact's preprocessor")
@@ -210,10 +220,7 @@ class OrtArtifact:
 
     def _positions(self, c: _Checked) -> np.ndarray:
         """The unpruned model's position ids: (1, L) or (3, 1, L)."""
-        if self.family == QWEN2_5_VL:
-            merge = int(self.manifest["spatial_merge_size"])
-            return qwen_positions(c.ids, int(self.manifest["image_token_id"]), c.grid, merge)
-        return llava_positions(len(c.ids))
+        return self.host.host_positions(c.ids, c.grid, self.manifest)
 
     def _embeds(self, c: _Checked, pixel_values: Any) -> np.ndarray:
         """(1, L, D) token embeddings with the vision graph's features in the image slots."""
@@ -231,7 +238,7 @@ class OrtArtifact:
         out = self._vision({C.PIXEL_VALUES: _numpy(pixel_values)})
         return out[C.IMAGE_FEATURES].reshape(-1, self.embed_tokens.shape[1]).astype(np.float32)
 
-    def prefill_feeds(self, inputs: VLInputs) -> dict[str, np.ndarray]:
+    def prefill_feeds(self, inputs: Inputs) -> dict[str, np.ndarray]:
         """The host side of prefill: checked inputs -> the prefill graph's feeds (vision runs here)."""
         c = self._check(inputs)
         return {
@@ -251,7 +258,7 @@ class OrtArtifact:
             "next_position": next_position(feeds[C.POSITION_IDS]),
         }
 
-    def prefill(self, inputs: VLInputs) -> dict[str, Any]:
+    def prefill(self, inputs: Inputs) -> dict[str, Any]:
         """Vision + routed prefill: last logits (V,), per-layer KV, decisions, next position."""
         return self.run_prefill(self.prefill_feeds(inputs))
 
@@ -262,7 +269,8 @@ class OrtArtifact:
 
     def decode_step(self, token: int, position: int, kv: KV) -> tuple[np.ndarray, KV]:
         """One token at `position` against every layer's cache: logits (V,) and the caches + 1."""
-        dims = (3, 1, 1) if self.family == QWEN2_5_VL else (1, 1)  # mRoPE: same id in all 3 rows
+        rows = self.host.position_dims
+        dims = (1, 1) if rows == 1 else (rows, 1, 1)  # mRoPE: the same id in all 3 rows
         feeds = {
             C.INPUTS_EMBEDS: np.asarray(self.embed_tokens[token])[None, None, :],  # (1, 1, D)
             C.POSITION_IDS: np.full(dims, position, dtype=np.int64),
@@ -273,7 +281,7 @@ class OrtArtifact:
         return out[C.LOGITS].reshape(-1).astype(np.float32), self._kv(out)
 
     def generate(
-        self, inputs: VLInputs, max_new_tokens: int, eos_token_id: int | None = None
+        self, inputs: Inputs, max_new_tokens: int, eos_token_id: int | None = None
     ) -> tuple[dict[str, Any], list[int]]:
         """Greedy decoding, as the eager `routing.generate`: the EOS token is kept and ends it."""
         limit = int(self.shapes.get("max_new_tokens", max_new_tokens))
@@ -289,10 +297,8 @@ class OrtArtifact:
             logits, kv = self.decode_step(token, pre["next_position"] + step, kv)
         return pre, ids
 
-    def trace(self, inputs: VLInputs, max_new_tokens: int = 16) -> "TraceResult":
+    def trace(self, inputs: Inputs, max_new_tokens: int = 16) -> TraceResult:
         """The eager `trace` contract (decisions, last logits, greedy ids, text, plan)."""
-        from ..trace import TraceResult
-
         pre, ids = self.generate(inputs, max_new_tokens, self.manifest.get("eos_token_id"))
         decisions = {str(s.layer): d.tolist() for s, d in zip(self.plan.stages, pre["decisions"])}
         return TraceResult(decisions, pre["logits"].tolist(), ids, self.preprocessor.decode(ids), self.plan)

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import UserError
 from ..export import contract as C
 from ..export.artifact import read_manifest
-from ..preprocess import Preprocessor
+from .processor import ArtifactProcessor
 from . import ort as _ort
 from .ort import OrtArtifact
 
@@ -189,7 +189,7 @@ class TrtArtifact(OrtArtifact):
         kv = (KV_PREFIX,) if device_kv else ()
         graphs = {g: TrtGraph(folder / files[g], runtime, trt, torch, stream, kv) for g in GRAPHS}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")
-        pre = Preprocessor.from_pretrained(folder / C.PREPROCESSOR, manifest["family"])
+        pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
         art = cls(folder, manifest, graphs, embed, pre)
         art._trt_keepalive = (runtime, logger)  # engines must not outlive their runtime
         return art
