@@ -159,6 +159,7 @@ def runtime_venv(tmp_path_factory) -> Path:
     return venv
 
 
+@pytest.mark.slow
 def test_runtime_venv_has_no_torch(runtime_venv: Path, tmp_path: Path) -> None:
     python = str(runtime_venv / "bin" / "python")
     for module in ("torch", "transformers", "onnx"):
