@@ -157,8 +157,6 @@ def check_fits(folder: Path, itemsize: int, dtype_name: str) -> None:
     """Refuse (one line) a whole-model load that cannot fit in the available memory, where
     the kernel would kill the process without a word; a .bin-only checkpoint cannot be
     streamed instead, so it says how to make one that can."""
-    from .export.pipeline import available_bytes
-
     avail = available_bytes()
     need = load_bytes(folder, itemsize)
     if avail is None or need <= avail:
@@ -168,3 +166,14 @@ def check_fits(folder: Path, itemsize: int, dtype_name: str) -> None:
             "*.safetensors (save_pretrained on a machine with more memory)") if bin_only else ""
     raise UserError(f"{folder}: loading the weights needs ~{need / 2**30:.1f} GiB as {dtype_name}, "
                     f"{avail / 2**30:.1f} GiB of memory is available{hint}")
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where the kernel does not say)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -9,7 +9,6 @@ target); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM; 129 SIGHUP), cleaned
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import signal
 import sys
@@ -17,7 +16,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-from . import __version__
+from . import __version__, api
+from .console import emit_json, table
 from .errors import UserError
 from .paths import shown_dir
 
@@ -65,8 +65,10 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def add_plan_args(p: argparse.ArgumentParser, default_method: str = "reroute") -> None:
+    from .plan import METHODS
+
     g = p.add_argument_group("routing plan")
-    g.add_argument("--method", default=default_method, choices=["none", "fastv", "pdrop", "reroute"],
+    g.add_argument("--method", default=default_method, choices=list(METHODS),
                    help="routing method (default: reroute; with --artifact, the artifact's)")
     g.add_argument("--budget", type=float, help="average visual tokens per decoder layer")
     g.add_argument("--schedule", help="named schedule shape from the model's graph spec (e.g. reroute-fastv)")
@@ -90,41 +92,16 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="print the details (files, per-step timings)")
 
 
+def plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The routing-plan flags as keyword arguments of make_plan / api.plan / api.export."""
+    return {"method": args.method or "reroute", "budget": args.budget, "schedule": args.schedule,
+            "drop_layers": args.drop_layers, "keep_ratios": args.keep_ratios, "keep": args.keep}
+
+
 def plan_from_args(spec: Any, args: argparse.Namespace):
     from .plan import make_plan
 
-    return make_plan(
-        spec, args.method or "reroute", budget=args.budget, schedule=args.schedule,
-        drop_layers=args.drop_layers, keep_ratios=args.keep_ratios, keep=args.keep,
-    )
-
-
-# ---------------------------------------------------------------- printing
-
-
-def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Right-aligned plain-text table; a missing cell prints empty."""
-    cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-    if isinstance(v, list):
-        return "-".join(str(x) for x in v)
-    return str(v)
-
-
-def emit_json(path: str, payload: dict[str, Any]) -> None:
-    if path == "-":
-        print(json.dumps(payload, indent=1))
-        return
-    from .results import save_json
-
-    save_json(path, payload)
+    return make_plan(spec, **plan_kwargs(args))
 
 
 # ---------------------------------------------------------------- subcommands
@@ -132,7 +109,7 @@ def emit_json(path: str, payload: dict[str, Any]) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .spec import known_specs
-    from .tiny import parameter_count
+    from .registry import parameter_count
 
     # parameters: the architecture built on the meta device (a checkpoint's from its published config)
     models = [{"name": s.name, "family": s.family, "checkpoint": s.checkpoint, "layers": s.text.num_layers,
@@ -149,11 +126,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan_report
-    from .registry import resolve_spec
-
-    spec = resolve_spec(args.model)
-    report = plan_report(spec, plan_from_args(spec, args), args.text_tokens)
+    report = api.plan(args.model, text_tokens=args.text_tokens, **plan_kwargs(args)).to_json()
     if args.json:
         emit_json(args.json, report)
     if not args.quiet and args.json != "-":
@@ -177,29 +150,44 @@ def print_plan(r: dict[str, Any], budget: float | None) -> None:
           f"(none: {r['kv_cache_bytes_fp16_none'] / mib:.1f} MiB)")
 
 
-def read_inputs(args: argparse.Namespace, prepare: Callable[[Any, str], Any], as_torch: bool = False) -> Any:
-    """--input-ids/--pixel-values[/--image-grid-thw] as given (numpy ArrayInputs, or VLInputs
-    `as_torch` for the eager model), or --image/--prompt through `prepare(image, prompt)` (a
-    model's or an artifact's preprocessor). Torch is imported only `as_torch`."""
+NEED_INPUTS = "give --image FILE --prompt TEXT, or --input-ids ids.npy --pixel-values pv.npy"
+
+
+def sample_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--image/--prompt, or --input-ids/--pixel-values[/--image-grid-thw] read into numpy
+    ArrayInputs, as the API's `image`/`prompt` or `inputs` keywords; {} when none is given."""
     from .inputs import load_npy_inputs
-    from .preprocess import load_image
 
     if args.input_ids or args.pixel_values:
         if args.image or args.prompt:
             raise UserError("give --image/--prompt or --input-ids/--pixel-values, not both")
         if not (args.input_ids and args.pixel_values):
             raise UserError("--input-ids and --pixel-values go together")
-        arrays = load_npy_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)
-        return arrays.to_torch() if as_torch else arrays
+        return {"inputs": load_npy_inputs(args.input_ids, args.pixel_values, args.image_grid_thw)}
     if args.image and args.prompt is not None:
-        return prepare(load_image(args.image), args.prompt)
-    raise UserError("give --image FILE --prompt TEXT, or --input-ids ids.npy --pixel-values pv.npy")
+        return {"image": args.image, "prompt": args.prompt}
+    if args.image or args.prompt is not None:
+        raise UserError(NEED_INPUTS)
+    return {}
+
+
+def need_sample(args: argparse.Namespace) -> dict[str, Any]:
+    """sample_args for a command that cannot run without an input (trace, generate)."""
+    given = sample_args(args)
+    if not given:
+        raise UserError(NEED_INPUTS)
+    return given
 
 
 def load_inputs(loaded: Any, args: argparse.Namespace) -> Any:
+    """The eager reference's inputs (torch VLInputs), checked against the model."""
     from .trace import check_inputs
 
-    inputs = read_inputs(args, lambda image, prompt: loaded.preprocessor([image], [prompt]), as_torch=True)
+    given = need_sample(args)
+    if "inputs" in given:
+        inputs = given["inputs"].to_torch()
+    else:
+        inputs = loaded.preprocessor([api.as_image(given["image"])], [given["prompt"]])
     check_inputs(loaded, inputs)
     return inputs
 
@@ -213,7 +201,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise UserError("--map needs an --image (routing maps draw the picture the tokens came from)")
     if args.artifact:
         art = load_artifact(args)
-        result = art.trace(artifact_inputs(art, args), args.max_new_tokens)
+        result = art.trace(**need_sample(args), max_new_tokens=args.max_new_tokens)
         name = f"{art.manifest['model']} (artifact {shown_dir(args.artifact)}, {art.manifest['precision']})"
         family, thw = art.family, art.manifest.get("image_grid_thw")
     else:  # the eager reference: torch and transformers (the --artifact path needs neither)
@@ -256,31 +244,23 @@ def draw_map(result: Any, args: argparse.Namespace, family: str, image_grid_thw:
         print(f"routing map: {args.map}")
 
 
-def runtime_class(name: str) -> Any:
-    """The artifact runner: ONNX Runtime (CPU, or CUDA when present) or TensorRT engines."""
-    if name == "tensorrt":
-        from .runtime.trt import TrtArtifact
-
-        return TrtArtifact
-    from .runtime import OrtArtifact
-
-    return OrtArtifact
+runtime_class = api.runtime_class  # the artifact runner for --runtime (parity takes the class)
 
 
 def add_runtime_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+    from .runtime import ARTIFACT_BACKENDS
+
+    p.add_argument("--runtime", default="onnxruntime", choices=list(ARTIFACT_BACKENDS),
                    help="run the artifact's ONNX graphs (ONNX Runtime) or its TensorRT engines (built by --target trt)")
 
 
 PLAN_FLAGS = ("budget", "schedule", "drop_layers", "keep_ratios", "keep")
 
 
-def load_artifact(args: argparse.Namespace) -> Any:
-    """An exported artifact (manifest verified) for ONNX Runtime; plan flags, if given, must
+def load_artifact(args: argparse.Namespace) -> api.Artifact:
+    """An exported artifact (manifest verified) for --runtime; plan flags, if given, must
     describe the plan it was exported with (an artifact's routing is fixed in its graphs)."""
-    from pathlib import Path
-
-    art = runtime_class(getattr(args, "runtime", "onnxruntime")).load(Path(args.artifact))
+    art = api.load_artifact(args.artifact, getattr(args, "runtime", "onnxruntime"))
     given = [f for f in PLAN_FLAGS if getattr(args, f, None) is not None]
     method = getattr(args, "method", None)
     if method not in (None, art.plan.method):
@@ -329,16 +309,9 @@ def _flag_value(value: Any) -> str:
     return ",".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in items)
 
 
-def artifact_inputs(art: Any, args: argparse.Namespace) -> Any:
-    """--image/--prompt through the artifact's own preprocessor, or processor outputs as .npy."""
-    return read_inputs(args, art.prepare)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Image + prompt -> text from an exported artifact (ONNX Runtime), greedy."""
-    art = load_artifact(args)
-    inputs = artifact_inputs(art, args)
-    result = art.trace(inputs, args.max_new_tokens)
+    result = load_artifact(args).trace(**need_sample(args), max_new_tokens=args.max_new_tokens)
     if args.json:
         emit_json(args.json, {"text": result.text, "generated_ids": result.generated_ids,
                               "decisions": result.decisions})
@@ -347,63 +320,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_inputs(loaded: Any, args: argparse.Namespace) -> Any:
-    """The user's sample input if given, else the first shipped sample photo and prompt."""
-    if args.image or args.input_ids or args.pixel_values:
-        return load_inputs(loaded, args)
-    from .preprocess import load_image, samples
-
-    path, prompt = samples()[0]
-    return loaded.preprocessor([load_image(path)], [prompt])
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .export.pipeline import ExportOptions, export_artifact
-    from .export.artifact import check_output
-    from .registry import load
-    from .trace import for_inputs
-
     if args.output is None:
         raise UserError("--output DIR is required")
-    if args.target not in ("onnx", "trt"):
-        raise UserError(f"unknown target {args.target!r}; use --target onnx or --target trt")
-    check_output(Path(args.output), args.force)  # refuse before minutes of work, not after
-    from .export.pipeline import PRECISIONS
-
-    if args.random_weights:  # parameters on the meta device: the export streams each one to disk
-        loaded = load(args.model, PRECISIONS[args.precision], "meta", random_weights=True)
-    elif args.stream_weights or (size := _too_big_to_load(args.model)):
-        if not args.stream_weights:
-            print(f"reroute-export: the checkpoint ({size / 2**30:.1f} GiB) would not fit in memory whole; "
-                  f"streaming its weights into the artifact one tensor at a time", file=sys.stderr)
-        loaded = load(args.model, PRECISIONS[args.precision], "meta")  # weights read from the files as written
-    else:
-        loaded = load(args.model)
-    inputs = default_inputs(loaded, args)
-    if inputs.input_ids.shape[0] != 1:
-        raise UserError("export takes one sample input (batch 1)")
-    loaded = for_inputs(loaded, inputs)  # N and the Qwen grid from the sample, not a default
-    plan = plan_from_args(loaded.spec, args)
-    opts = ExportOptions(precision=args.precision, max_prompt_tokens=args.max_prompt_tokens,
-                         max_new_tokens=args.max_new_tokens, inline_functions=args.inline_functions,
-                         force=args.force, check=not args.no_check, quiet=args.quiet, target=args.target,
-                         device=args.device, plugin_lib=args.plugin_lib,
-                         fp32_layers=fp32_layers(args, loaded.spec.text.num_layers))
-    if args.target == "trt":
-        from .build.trt import device
-
-        device(args.device)  # an unknown device fails before any work
-    if opts.max_prompt_tokens is not None and opts.max_prompt_tokens < inputs.input_ids.shape[1]:
-        raise UserError(f"--max-prompt-tokens {opts.max_prompt_tokens} is shorter than the sample prompt "
-                        f"({inputs.input_ids.shape[1]} tokens)")
-    result = export_artifact(loaded, plan, inputs, Path(args.output), opts)
+    result = api.export(
+        args.model, output=args.output, target=args.target, precision=args.precision, fp32_layers=args.fp32_layers,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+        inline_functions=args.inline_functions, random_weights=args.random_weights,
+        stream_weights=True if args.stream_weights else None, device=args.device, plugin_lib=args.plugin_lib,
+        force=args.force, check=not args.no_check, progress=not args.quiet, log=_note,
+        **plan_kwargs(args), **sample_args(args))
     check = result.manifest.get("check")
     if args.json:
         emit_json(args.json, result.manifest)
     if not args.quiet and args.json != "-":
-        print(f"wrote {shown_dir(result.path)} ({loaded.spec.name}, {plan.method}, avg visual tokens/layer "
+        from .plan import RoutingPlan
+
+        plan = RoutingPlan.from_dict(result.manifest["plan"])
+        print(f"wrote {shown_dir(result.path)} ({result.manifest['model']}, {plan.method}, avg visual tokens/layer "
               f"{plan.avg_visual_tokens:.2f}, {args.precision})")
         if check:
             print_check(check)
@@ -423,17 +357,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def fp32_layers(args: argparse.Namespace, num_layers: int) -> tuple[int, ...]:
-    if not args.fp32_layers:
-        return ()
-    if args.precision == "fp32":
-        raise UserError("--fp32-layers is for --precision fp16 exports (an fp32 export is fp32 throughout)")
-    from .rewrite.precision import parse_layers
-
-    try:
-        return tuple(parse_layers(args.fp32_layers, num_layers))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+def _note(message: str) -> None:
+    """The library's notes during an export (e.g. streaming the weights), on stderr."""
+    print(f"reroute-export: {message}", file=sys.stderr)
 
 
 def print_trt(rec: dict[str, Any], path: Any) -> None:
@@ -491,7 +417,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(args.json, report.to_json())
     if args.markdown:
-        from .trace import write_text
+        from .files import write_text
 
         write_text(args.markdown, markdown(report, maps))
     if not args.quiet and args.json != "-":
@@ -603,27 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     # runtime-only install a module that cannot be imported leaves a one-line stand-in.
     from .full_install import register_stage
 
-    register_stage(sub, "calibrate", "calibrate")
-    register_stage(sub, "bench", "bench")
+    register_stage(sub, "quantize.cli", "calibrate")
+    register_stage(sub, "bench.cli", "bench")
     register_stage(sub, "inspect_artifact", "inspect")
     return parser
 
 
-def _too_big_to_load(model: str) -> int:
-    """The checkpoint's bytes when loading it in fp32 (x2 an fp16/bf16 checkpoint) plus an export
-    copy would pass half the free memory, else 0. Also 0 for a .bin-only checkpoint, which
-    cannot stream: it loads whole where it fits, and `load` refuses it in one line where not."""
-    from .export.pipeline import available_bytes
-    from .registry import checkpoint_bytes, checkpoint_folder
-
-    folder = checkpoint_folder(model)
-    if folder is None or not any(folder.glob("*.safetensors")):
-        return 0
-    size, avail = checkpoint_bytes(model), available_bytes()
-    return 0 if size is None or avail is None or size * 3 <= avail // 2 else size
-
-
 def add_export_args(p: argparse.ArgumentParser) -> None:
+    from .contract import PRECISIONS
+
     add_model_args(p)
     add_plan_args(p)
     g = p.add_argument_group("export")
@@ -632,7 +546,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="TensorRT target: gpu-trt10, gpu-trt11, jetson-orin, jetson-orin-nx, jetson-orin-nano")
     g.add_argument("--plugin-lib", help="TensorRT plugin library implementing reroute ops (default: local functions)")
     g.add_argument("--output", help="artifact folder to write (refused if it exists, unless --force)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    g.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     g.add_argument("--fp32-layers", metavar="RANGE",
                    help="fp16 exports: keep these decoder layers in fp32, e.g. 28-31 or 28- (fp16 overflow fallback)")
     g.add_argument("--max-prompt-tokens", type=int, help="longest prompt the artifact takes (default N + 512)")

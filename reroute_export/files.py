@@ -1,18 +1,21 @@
 """Writing files the way users expect: whole or not at all, with the usual permissions,
 and a full disk or a read-only folder reported as one line naming the path.
 
-Every report (trace/parity/plan --json, --markdown, routing maps) and the artifact writer
-go through here, so these three rules hold for all of them at once.
+Every report (trace/parity/plan/bench/calibrate --json, --markdown, routing maps) and the
+artifact writer go through here, so these three rules hold for all of them at once.
+`write_json` is the one JSON writer: "-" prints to stdout, anything else is a file;
+`read_json` reads a user's JSON file (input sets, recipes, calibration sets) with a one-line error.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import UserError
 
@@ -85,3 +88,25 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """A text report at `path`, whole or not at all (write_atomic)."""
+    write_atomic(path, text.encode("utf-8"))
+
+
+def read_json(path: Path, what: str) -> Any:
+    """`path` parsed as JSON; invalid JSON is a one-line error naming `what` and the path."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """A JSON report: printed when `path` is "-", else written whole or not at all."""
+    text = json.dumps(payload, indent=1)
+    if str(path) == "-":
+        print(text)
+        return
+    write_text(path, text + "\n")

@@ -12,15 +12,15 @@ Exit codes: 0 intact; 2 not an artifact, or a file missing / changed (one line o
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import UserError
-from .export import contract as C
+from . import contract as C
 from .export.artifact import read_manifest, sha256_file
+from .files import write_json
 
 # Graph headers are read with onnx (weights stay on disk); past this size we skip them
 # rather than parse gigabytes of inline initializers just for the I/O signature.
@@ -288,12 +288,7 @@ def format_report(r: dict[str, Any]) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     report = inspect(Path(args.folder), verify=not args.no_verify)
     if args.json:
-        if args.json == "-":
-            print(json.dumps(report, indent=1))
-        else:
-            from .trace import save_json
-
-            save_json(args.json, report)
+        write_json(args.json, report)
     error = verification_error(report)
     if error:
         raise UserError(error)  # one line on stderr, exit 2 (the JSON above still records it)

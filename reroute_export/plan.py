@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from ._callable import make_callable
 from .errors import UserError
 from .spec import GraphSpec, Schedule, Shape
 
@@ -286,3 +287,6 @@ def plan_report(spec: GraphSpec, plan: RoutingPlan, text_tokens: int | None = No
         "prefill_tflops_none": dense_flops / 1e12,
         "vision_tflops": vision_flops(spec) / 1e12,
     }
+
+
+make_callable(__name__)  # `reroute_export.plan` is this module; calling it is the public API's plan (api.py)

@@ -6,7 +6,9 @@ image processors by default and Qwen2.5-VL's processor also needs a video proces
 and the PIL-backed image processor directly and re-do, step for step, what
 `LlavaProcessor` / `Qwen2_5_VLProcessor` do: render the prompt template, expand the
 image placeholder to one token per visual feature, tokenize with the tokenizer's
-default special tokens, pad on the left.
+default special tokens, pad on the left. What differs between families (template, tokens,
+image processor, token counts, a fixed grid) is the family's (families/<family>.py);
+`Preprocessor` runs those steps for whichever family it is given.
 
 Also here: `load_image` (one-line `UserError` for bad files) and the bundled sample
 photographs (`sample_path`, `samples`).
@@ -14,9 +16,7 @@ photographs (`sample_path`, `samples`).
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -26,30 +26,17 @@ import PIL.Image
 import PIL.ImageOps
 
 from reroute_export.errors import UserError
-from reroute_export.families import llava_host, qwen2_5_vl_host
 
-if TYPE_CHECKING:  # torch and transformers when a Preprocessor is made: `load_image` and the
-    # constants serve the torch-free runtime too (reroute_export/runtime/, cli generate)
+if TYPE_CHECKING:  # torch and transformers when a Preprocessor is made: `load_image` and
+    # SETTINGS_FILE serve the torch-free runtime too (reroute_export/runtime/, cli generate)
     import torch
     from transformers import CLIPImageProcessorPil, Qwen2VLImageProcessorPil
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+    from reroute_export.families.base import Family
+
     ImageProcessor = CLIPImageProcessorPil | Qwen2VLImageProcessorPil
 
-LLAVA = "llava"
-QWEN2_5_VL = "qwen2.5-vl"
-FAMILIES = (LLAVA, QWEN2_5_VL)
-
-# The prompt each family's chat template renders for one user turn holding one image, and
-# its tokens: declared once with the family's host recipe (families/*_host.py), which the
-# torch-free runtime uses too.
-LLAVA_TEMPLATE = llava_host.TEMPLATE
-QWEN2_5_VL_TEMPLATE = qwen2_5_vl_host.TEMPLATE
-IMAGE_TOKENS = {LLAVA: llava_host.IMAGE_TOKEN, QWEN2_5_VL: qwen2_5_vl_host.IMAGE_TOKEN}
-VIDEO_TOKEN_QWEN = qwen2_5_vl_host.VIDEO_TOKEN
-
-# Qwen2.5-VL-7B as evaluated by the authors: images capped at 451584 px = 576 tokens.
-QWEN_DEFAULT_MAX_PIXELS = qwen2_5_vl_host.DEFAULT_MAX_PIXELS
 # Our own settings file, written next to the HF files so a round trip keeps the grid.
 SETTINGS_FILE = "reroute_preprocess.json"
 
@@ -136,22 +123,6 @@ def _check_decoded_size(path: Path, image: PIL.Image.Image, full: tuple[int, int
                     f"downscale it first")
 
 
-def fixed_image_size(max_pixels: int, factor: int, min_pixels: int = 0) -> tuple[int, int]:
-    """Largest square (side a multiple of `factor` = patch*merge) with at most `max_pixels` pixels.
-
-    Qwen2.5-VL's processor keeps the aspect ratio, so the grid (and the number of visual
-    tokens) changes with each image; an exported graph wants one fixed grid, so every
-    image is first resized to this square. 451584 px, factor 28 -> (672, 672) -> 576 tokens.
-    The square must also have at least `min_pixels` (the processor's lower bound), or
-    smart_resize would enlarge it and the grid would not be the one planned.
-    """
-    side = math.isqrt(max_pixels) // factor * factor
-    if side < factor or side * side < min_pixels:
-        raise UserError(f"no square image with sides a multiple of {factor} has {min_pixels}..{max_pixels} px "
-                        f"(the processor's size bounds); give image_size or other bounds")
-    return side, side
-
-
 # ----------------------------------------------------------------------------- samples
 
 
@@ -174,25 +145,13 @@ def samples() -> list[tuple[Path, str]]:
     return [(sample_path(entry["image"]), entry["prompt"]) for entry in entries]
 
 
-def chat_template(family: str) -> str:
-    """The family's standard HF chat template (data/chat_templates/, sources in SOURCES.md).
-
-    Saved with the tiny models' tokenizers so their folders work in other tools too
-    (`apply_chat_template`, AutoProcessor); for one user turn holding one image it renders
-    exactly LLAVA_TEMPLATE / QWEN2_5_VL_TEMPLATE (tests/test_chat_template.py)."""
-    if family not in FAMILIES:
-        raise UserError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
-    path = resources.files("reroute_export").joinpath("data", "chat_templates", f"{family}.jinja")
-    return path.read_text(encoding="utf-8").rstrip("\n")  # an editor's final newline would render
-
-
 # ----------------------------------------------------------------------------- preprocessor
 
 
 class Preprocessor:
     """Turns (image, prompt) pairs into `VLInputs` exactly as the family's HF processor would.
 
-    family: "llava" or "qwen2.5-vl".
+    family: the model family (families/): template, tokens and the image rules.
     image_size: Qwen2.5-VL only; (H, W), multiples of patch*merge. Every image is resized
         to exactly this size (PIL bicubic) before the HF image processor so that all images
         share one grid; None keeps HF's aspect-preserving dynamic resize (grid varies).
@@ -200,7 +159,7 @@ class Preprocessor:
         and whether the CLS feature is dropped ("default") or kept ("full").
     """
 
-    family: str
+    family: type[Family]
     tokenizer: PreTrainedTokenizerBase
     image_processor: ImageProcessor
     image_token: str
@@ -210,7 +169,7 @@ class Preprocessor:
 
     def __init__(
         self,
-        family: str,
+        family: type[Family],
         tokenizer: PreTrainedTokenizerBase,
         image_processor: ImageProcessor,
         *,
@@ -218,19 +177,17 @@ class Preprocessor:
         patch_size: int = 14,
         vision_feature_select_strategy: Literal["default", "full"] = "default",
     ) -> None:
-        if family not in FAMILIES:
-            raise UserError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
         self.family = family
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_token = IMAGE_TOKENS[family]
+        self.image_token = family.image_token
         self.image_token_id = _token_id(tokenizer, self.image_token)
-        self.video_token_id = _token_id(tokenizer, VIDEO_TOKEN_QWEN) if family == QWEN2_5_VL else None
+        self.video_token_id = _token_id(tokenizer, family.video_token) if family.video_token else None
         self.patch_size = patch_size
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.image_size = tuple(image_size) if image_size is not None else None
         if self.image_size is not None:
-            self._check_image_size(self.image_size)
+            family.check_image_size(self, self.image_size)
 
     # -- public ---------------------------------------------------------------------
 
@@ -257,37 +214,15 @@ class Preprocessor:
     @property
     def visual_tokens(self) -> int | None:
         """N visual tokens every image gets, or None when the grid varies per image."""
-        if self.family == QWEN2_5_VL:
-            if self.image_size is None:
-                return None
-            step = self.image_processor.patch_size * self.image_processor.merge_size
-            return (self.image_size[0] // step) * (self.image_size[1] // step)
-        crop = self.image_processor.crop_size
-        side = crop["height"] if isinstance(crop, dict) else int(crop.height)
-        extra = 0 if self.vision_feature_select_strategy == "default" else 1
-        return (side // self.patch_size) ** 2 + extra
+        return self.family.processor_visual_tokens(self)
 
     def for_grid(self, grid_thw: tuple[int, int, int]) -> Preprocessor:
-        """Qwen2.5-VL: a copy fixed to the image size of `grid_thw` (t, h, w in patches).
-
-        Processor outputs given as arrays define the grid an artifact is exported for; its
-        own preprocessor must then resize every image to that size, so the pixel bounds
-        widen to admit it (smart_resize would otherwise move it back inside them)."""
-        if self.family != QWEN2_5_VL:
-            raise UserError("a fixed image grid is only used for qwen2.5-vl")
-        patch = self.image_processor.patch_size
-        size = (int(grid_thw[1]) * patch, int(grid_thw[2]) * patch)
-        if self.image_size == size:
-            return self
-        processor = copy.deepcopy(self.image_processor)
-        bounds, pixels = processor.size, size[0] * size[1]
-        bounds["shortest_edge"] = min(bounds["shortest_edge"], pixels)
-        bounds["longest_edge"] = max(bounds["longest_edge"], pixels)
-        return Preprocessor(self.family, self.tokenizer, processor, image_size=size)
+        """Qwen2.5-VL: a copy fixed to the image size of `grid_thw` (t, h, w in patches)."""
+        return self.family.for_grid(self, grid_thw)
 
     def render(self, prompt: str) -> str:
         """The templated prompt with the (unexpanded) image placeholder, for display/logging."""
-        return self._template().replace("{prompt}", prompt)
+        return self.family.prompt_template.replace("{prompt}", prompt)
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Generated ids -> text, without special tokens (BOS/EOS/pad/image)."""
@@ -302,7 +237,7 @@ class Preprocessor:
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         settings = {
-            "family": self.family,
+            "family": self.family.name,
             "image_size": list(self.image_size) if self.image_size else None,
             "patch_size": self.patch_size,
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
@@ -313,7 +248,7 @@ class Preprocessor:
     def from_pretrained(
         cls,
         directory: str | Path,
-        family: str,
+        family: type[Family],
         *,
         image_size: tuple[int, int] | None | Literal["auto"] = "auto",
         max_pixels: int | None = None,
@@ -326,8 +261,6 @@ class Preprocessor:
         dynamic, aspect-preserving resize. Never touches torchvision or the video processor.
         """
         directory = Path(directory)
-        if family not in FAMILIES:
-            raise UserError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
         if not directory.is_dir():
             raise UserError(f"checkpoint folder not found: {directory}")
         saved = _read_json(directory / SETTINGS_FILE)
@@ -335,67 +268,9 @@ class Preprocessor:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        if family == LLAVA:
-            if image_size not in ("auto", None):
-                raise UserError("image_size is only used for qwen2.5-vl (LLaVA always crops to its square)")
-            return cls._llava_from(directory, tokenizer, saved, config)
-        return cls._qwen_from(directory, tokenizer, saved, config, image_size, max_pixels)
-
-    # -- loading helpers ------------------------------------------------------------
-
-    @classmethod
-    def _llava_from(
-        cls, directory: Path, tokenizer: PreTrainedTokenizerBase, saved: dict, config: dict
-    ) -> Preprocessor:
-        """Patch size / CLS strategy: our settings, else the model config, else llava-1.5's."""
-        vision = config.get("vision_config") or {}
-        patch = saved.get("patch_size") or vision.get("patch_size") or 14
-        strategy = saved.get("vision_feature_select_strategy") or config.get(
-            "vision_feature_select_strategy", "default"
-        )
-        from transformers import CLIPImageProcessorPil
-
-        image_processor = CLIPImageProcessorPil.from_pretrained(directory)
-        if vision:  # a model's folder (an artifact's preprocessor/ has no config.json)
-            _check_clip_size(directory, image_processor, int(vision.get("image_size", 224)))  # CLIP's default
-        pre = cls(
-            LLAVA, tokenizer, image_processor, patch_size=patch, vision_feature_select_strategy=strategy
-        )
-        _check_config_token(config, ("image_token_index", "image_token_id"), pre.image_token_id)
-        return pre
-
-    @classmethod
-    def _qwen_from(
-        cls,
-        directory: Path,
-        tokenizer: PreTrainedTokenizerBase,
-        saved: dict,
-        config: dict,
-        image_size: tuple[int, int] | None | Literal["auto"],
-        max_pixels: int | None,
-    ) -> Preprocessor:
-        """Fixed grid by default: saved size, else the largest square within the processor's
-        own bounds, its longest_edge capped at the authors' 451584 px (the checkpoint's
-        settings win over the registered default: 50176 px -> 224x224 -> 64 tokens)."""
-        from transformers import Qwen2VLImageProcessorPil
-
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
-        cap = max_pixels or min(image_processor.size["longest_edge"], QWEN_DEFAULT_MAX_PIXELS)
-        image_processor.size["longest_edge"] = cap  # the evaluated setting caps images
-        if image_size == "auto":
-            if saved.get("image_size"):
-                image_size = tuple(saved["image_size"])
-            else:
-                factor = image_processor.patch_size * image_processor.merge_size
-                image_size = fixed_image_size(cap, factor, image_processor.size["shortest_edge"])
-        pre = cls(QWEN2_5_VL, tokenizer, image_processor, image_size=image_size)
-        _check_config_token(config, ("image_token_id",), pre.image_token_id)
-        return pre
+        return family.load_preprocessor(directory, tokenizer, saved, config, image_size, max_pixels)
 
     # -- steps ----------------------------------------------------------------------
-
-    def _template(self) -> str:
-        return LLAVA_TEMPLATE if self.family == LLAVA else QWEN2_5_VL_TEMPLATE
 
     def _render(self, prompt: str, num_image_tokens: int) -> str:
         """Template the prompt, then expand the single placeholder (processor's replace_image_token)."""
@@ -406,28 +281,13 @@ class Preprocessor:
 
     def _process_images(self, images: list[PIL.Image.Image]) -> dict[str, torch.Tensor]:
         """Run the PIL image processor; for a fixed Qwen grid, resize to image_size first."""
-        images = [image.convert("RGB") for image in images]
-        if self.family == QWEN2_5_VL and self.image_size is not None:
-            height, width = self.image_size
-            images = [
-                image if image.size == (width, height)
-                else image.resize((width, height), PIL.Image.Resampling.BICUBIC)
-                for image in images
-            ]
+        images = self.family.fit_images(self, [image.convert("RGB") for image in images])
         out = self.image_processor(images, return_tensors="pt")
         return dict(out)
 
     def _image_token_counts(self, pixels: dict[str, torch.Tensor]) -> list[int]:
         """Visual tokens per image, as LlavaProcessor / Qwen2_5_VLProcessor compute them."""
-        if self.family == QWEN2_5_VL:
-            merge = self.image_processor.merge_size
-            # grid (t, h, w) in patches; the merger fuses merge x merge patches into one token
-            return [int(thw.prod()) // merge**2 for thw in pixels["image_grid_thw"]]
-        height, width = pixels["pixel_values"].shape[-2:]  # (B, 3, H, W)
-        n = (height // self.patch_size) * (width // self.patch_size)
-        # CLIP adds one CLS feature; "default" drops it, "full" keeps it.
-        n += 0 if self.vision_feature_select_strategy == "default" else 1
-        return [n] * pixels["pixel_values"].shape[0]
+        return self.family.image_token_counts(self, pixels)
 
     def _check_expansion(self, input_ids: torch.Tensor, counts: list[int]) -> None:
         """Guard against a tokenizer that splits or merges the placeholder token."""
@@ -437,24 +297,12 @@ class Preprocessor:
 
     def _mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.LongTensor | None:
         """Qwen2.5-VL only: 1 for image tokens, 2 for video tokens, 0 otherwise (ProcessorMixin rule)."""
-        if self.family != QWEN2_5_VL:
+        if not self.family.mm_token_types:
             return None
         types = (input_ids == self.image_token_id).long()  # (B, L)
         if self.video_token_id is not None:
             types = types + 2 * (input_ids == self.video_token_id).long()
         return types
-
-    def _check_image_size(self, size: tuple[int, ...]) -> None:
-        """A fixed Qwen size must survive smart_resize unchanged: multiples of patch*merge."""
-        if self.family != QWEN2_5_VL:
-            raise UserError("image_size is only used for qwen2.5-vl (LLaVA always crops to its square)")
-        factor = self.image_processor.patch_size * self.image_processor.merge_size
-        if len(size) != 2 or any(s <= 0 or s % factor for s in size):
-            raise UserError(f"image_size must be (H, W), both multiples of {factor}; got {size}")
-        pixels = size[0] * size[1]
-        lo, hi = self.image_processor.size["shortest_edge"], self.image_processor.size["longest_edge"]
-        if not lo <= pixels <= hi:
-            raise UserError(f"image_size {size} has {pixels} px, outside the processor's [{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -475,27 +323,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _check_clip_size(directory: Path, image_processor: CLIPImageProcessorPil, side: int) -> None:
-    """LLaVA's processor must output the CLIP tower's own square.
-
-    CLIP learns one position embedding per patch of a square grid; CLIPVisionEmbeddings
-    only interpolates them (bicubic, non-square allowed) when asked, and
-    LlavaForConditionalGeneration never asks: any other size raises "Input image size
-    (H*W) doesn't match model (S*S)" inside the reference. So a non-square (or other
-    sized) crop is refused here, in one line, instead of deep in the vision tower."""
-    if image_processor.do_center_crop:
-        size, what = image_processor.crop_size, "crop_size"
-    else:
-        size, what = image_processor.size, "size"
-    height, width = size["height"], size["width"]
-    if (height, width) != (side, side):
-        got = f"{height}x{width}" if height and width else "images whose size varies with the input"
-        raise UserError(f"{directory}: the image processor's {what} gives {got}, but LLaVA's CLIP tower takes only "
-                        f"{side}x{side} (fixed square position embeddings, not interpolated by "
-                        f"LlavaForConditionalGeneration); set {what} to {side}x{side}")
-
-
-def _check_config_token(config: dict, keys: tuple[str, ...], token_id: int) -> None:
+def check_config_token(config: dict, keys: tuple[str, ...], token_id: int) -> None:
     """The model config's image token id must be the tokenizer's, or features land on wrong tokens."""
     for key in keys:
         if key in config and config[key] != token_id:

@@ -1,8 +1,10 @@
-"""Model families and model names, declared once.
+"""Model names, declared once: a name or folder -> its spec, family, HF model and preprocessor.
 
 `--model` takes a name from graphs/ (e.g. `llava-1.5-7b`, `tiny-llava`) or a local HF
-checkpoint folder whose config.json names a registered architecture. Real checkpoints
-load from that folder or the local HF cache only; nothing is downloaded.
+checkpoint folder whose config.json names a registered architecture (families/). Real
+checkpoints load from that folder or the local HF cache only; nothing is downloaded.
+Built-in-code models (tiny-*, bench-*) and --random-weights architectures are built here
+by their family's builder (`build`, `build_random`).
 """
 
 from __future__ import annotations
@@ -13,43 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import MissingCheckpoint, UserError
+from .families import family_for_architecture, get_family
 from .spec import GraphSpec, TextSpec, VisionSpec, known_specs, load_spec
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+    from transformers import PreTrainedModel
 
     from .families.base import Family
     from .preprocess import Preprocessor
-
-_FAMILIES: dict[str, type["Family"]] = {}
-
-
-def register_family(cls: type["Family"]) -> type["Family"]:
-    """Class decorator: make a family known by name and by HF architecture."""
-    _FAMILIES[cls.name] = cls
-    return cls
-
-
-def families() -> dict[str, type["Family"]]:
-    from . import families as _  # noqa: F401  (imports register every family)
-
-    return dict(_FAMILIES)
-
-
-def get_family(name: str) -> type["Family"]:
-    known = families()
-    if name not in known:
-        raise UserError(f"unknown family {name!r}; known: {', '.join(known)}")
-    return known[name]
-
-
-def family_for_architecture(arch: str) -> type["Family"]:
-    for fam in families().values():
-        if arch in fam.architectures:
-            return fam
-    supported = sorted(a for f in families().values() for a in f.architectures)
-    raise UserError(f"unsupported architecture {arch}; supported: {', '.join(supported)}")
 
 
 def known_models() -> list[str]:
@@ -149,7 +124,7 @@ def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
     if not (folder / "preprocessor_config.json").is_file():
         return None
     try:
-        return Preprocessor.from_pretrained(folder, family.name).visual_tokens
+        return Preprocessor.from_pretrained(folder, family).visual_tokens
     except UserError:
         raise
     except Exception:  # noqa: BLE001  (no tokenizer files, so no Preprocessor: spec default)
@@ -173,9 +148,7 @@ def load(model: str, dtype: "torch.dtype | None" = None, device: "str | torch.de
         if folder.is_dir():
             raise UserError("--random-weights takes a registered model name (e.g. llava-1.5-7b), not a folder")
         spec = resolve_spec(model)
-        from . import tiny
-
-        net, pre = tiny.build_random(spec, dtype, device)
+        net, pre = build_random(spec, dtype, device)
         return Loaded(spec, get_family(spec.family), net, pre, source=model, random_weights=True)
     if not folder.is_dir():
         spec = resolve_spec(model)
@@ -219,9 +192,7 @@ def _on(loaded: Loaded, device: "str | torch.device") -> Loaded:
 
 
 def _load_tiny(spec: GraphSpec, family: type["Family"], dtype: "torch.dtype") -> Loaded:
-    from . import tiny
-
-    model, pre = tiny.build(spec)  # tiny-* and bench-*: sizes from the spec, seeded weights
+    model, pre = build(spec)  # tiny-* and bench-*: sizes from the spec, seeded weights
     return Loaded(spec, family, model.to(dtype).eval(), pre)
 
 
@@ -236,7 +207,7 @@ def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None,
     _check_weights(folder)
     check_weight_files(folder)  # a truncated file: one line naming it, not safetensors' traceback
     cls = getattr(transformers, family.model_class)
-    pre = Preprocessor.from_pretrained(folder, family.name)  # a bad processor fails before the weights load
+    pre = Preprocessor.from_pretrained(folder, family)  # a bad processor fails before the weights load
     if str(device) == "meta":  # the architecture only: the streamed export reads each weight from the files
         from .tiny import meta_parameters
 
@@ -249,3 +220,43 @@ def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None,
         model = cls.from_pretrained(folder, dtype=dtype).eval()
     spec = _spec_for_config(name or folder.name, family, model.config, pre.visual_tokens)
     return Loaded(spec, family, model, pre, checkpoint=folder.resolve())
+
+
+# ---------------------------------------------------------------- built-in-code models
+
+
+def build(spec: GraphSpec, seed: int = 0, attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, Preprocessor]:
+    """The built-in-code model a graph spec without a checkpoint describes (tiny-*, bench-*)."""
+    from .tiny import Sizes
+
+    return get_family(spec.family).tiny(seed, attn_implementation, Sizes.from_spec(spec))
+
+
+def build_random(
+    spec: GraphSpec, dtype: "torch.dtype", device: "str | torch.device" = "cpu", seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> tuple[PreTrainedModel, Preprocessor]:
+    """`--random-weights`: a registered real architecture (e.g. llava-1.5-7b) at full size with
+    seeded random weights, built directly in `dtype` on `device` (no fp32 copy: 7B in fp16 is
+    14 GB, not 28). device "meta" allocates no parameter: the streaming export draws each
+    one later, a tensor at a time, with `tiny.random_tensor`. A registered checkpoint's
+    architecture is its published config.json (`published.build`), the offline byte-level
+    tokenizer's token ids put in; a built-in-code spec (tiny-*, bench-*) keeps its own builder."""
+    import torch
+
+    from . import published
+    from .tiny import Sizes, Where
+
+    where = Where(dtype, torch.device(device))
+    if spec.checkpoint is not None:
+        return published.build(spec, seed, attn_implementation, where)
+    sizes = replace(Sizes.from_spec(spec), vocab_size=spec.text.vocab_size)
+    return get_family(spec.family).tiny(seed, attn_implementation, sizes, where)
+
+
+def parameter_count(spec: GraphSpec) -> int:
+    """Parameters of the model `spec` names, built on the meta device (no memory; tied ones once)."""
+    import torch
+
+    model, _ = build_random(spec, torch.float32, "meta")
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once

@@ -7,9 +7,7 @@ contract lives here rather than beside the eager code (`trace` re-exports it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .plan import RoutingPlan
@@ -42,10 +40,3 @@ def stage_table(result: TraceResult) -> list[dict[str, Any]]:
         seen_deferred |= set(range(n)) - kept_set
         rows.append({"layer": int(layer), "kept": len(kept), "deferred": n - len(kept), "re-entered": len(back)})
     return rows
-
-
-def save_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write a JSON report atomically (files.write_atomic: no half-written reports)."""
-    from .files import write_atomic
-
-    write_atomic(path, json.dumps(payload, indent=1).encode("utf-8"))

@@ -19,7 +19,7 @@ Visual token i sits at grid cell (i // W, i % W):
   flattens patches as (t, h/2, w/2, 2, 2) so each merged token is one 2 x 2 block in
   row-major order of the merged grid; the vision tower's window reordering is undone before
   the merger output, and mRoPE gives token i the grid position (i // W, i % W)
-  (`runtime/positions.py`, `_image_block`).
+  (families/qwen2_5_vl.py, `_image_block`).
 
 Each PNG also carries its layout as a text chunk ("reroute-routing-map", JSON: panel boxes,
 cell size, colours, legend swatches) so tools and tests can find the panels.
@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserError
+from .families import get_family
 from .files import check_folders_above, usual_mode
 
 ACTIVE, DEFERRED, REENTERED = "active", "deferred", "re-entered"
@@ -69,44 +69,19 @@ MARGIN = 12
 
 
 def grid_for(family_name: str, n_visual: int, image_grid_thw: Any = None, *, merge: int = 2) -> tuple[int, int]:
-    """(H, W) of the visual-token grid: token i is cell (i // W, i % W).
-
-    llava: the square CLIP patch grid (576 -> 24 x 24). qwen2.5-vl: the merged grid
-    (h / merge, w / merge) of `image_grid_thw` (t, h, w) in patches (one image, t = 1);
-    without a grid a square token count is taken as a square image.
-    """
+    """(H, W) of the visual-token grid: token i is cell (i // W, i % W), as the family lays
+    its visual tokens out (`Family.map_grid`: LLaVA's square CLIP patch grid, 576 -> 24 x 24;
+    Qwen2.5-VL's merged grid of `image_grid_thw`)."""
     n = int(n_visual)
     if n <= 0:
         raise UserError(f"no visual tokens to map (N = {n})")
-    if family_name == "qwen2.5-vl" and image_grid_thw is not None:
-        thw = _flat(image_grid_thw)
-        if len(thw) != 3:
-            raise UserError(f"image_grid_thw must be one (t, h, w) triple for a routing map, got {thw}")
-        t, h, w = thw
-        if t != 1 or h % merge or w % merge:
-            raise UserError(f"routing maps draw one still image; image_grid_thw {thw} is not (1, h, w) "
-                            f"with h and w multiples of {merge}")
-        grid = (h // merge, w // merge)
-        if grid[0] * grid[1] != n:
-            raise UserError(f"image_grid_thw {thw} gives {grid[0]}x{grid[1]} = {grid[0] * grid[1]} merged tokens, "
-                            f"but the trace has {n} visual tokens")
-        return grid
-    side = math.isqrt(n)
-    if side * side != n:
-        need = " (give the image grid: image_grid_thw)" if family_name == "qwen2.5-vl" else ""
-        raise UserError(f"{n} visual tokens do not form a square patch grid{need}; cannot draw a routing map")
-    return side, side
+    return get_family(family_name).map_grid(n, image_grid_thw, merge=merge)
 
 
 def fit_for(family_name: str) -> str:
-    """How the family's processor maps the image onto the patch grid: LLaVA's CLIP
-    processor centre-crops a square ("crop"); Qwen2.5-VL resizes the whole image ("resize")."""
-    return "crop" if family_name == "llava" else "resize"
-
-
-def _flat(x: Any) -> list[int]:
-    """A (1, 3) tensor / array / nested list -> [t, h, w]."""
-    return [int(v) for v in np.asarray(x).reshape(-1).tolist()]
+    """How the family's processor maps the image onto the patch grid (`Family.map_fit`):
+    LLaVA's CLIP processor centre-crops a square ("crop"); Qwen2.5-VL resizes the whole image ("resize")."""
+    return get_family(family_name).map_fit
 
 
 # ---------------------------------------------------------------- states

@@ -7,7 +7,8 @@ import functools
 import pytest
 
 from reroute_export.preprocess import load_image, samples
-from reroute_export.registry import families, load
+from reroute_export.families import families
+from reroute_export.registry import load
 
 FAMILIES = sorted(families())
 
@@ -45,7 +46,7 @@ def _tiny_artifact(family: str, method: str, precision: str, inline: bool, budge
     import tempfile
     from pathlib import Path
 
-    from reroute_export.export.pipeline import ExportOptions, export_artifact
+    from reroute_export.pipeline import ExportOptions, export_artifact
     from reroute_export.plan import make_plan
 
     if not _ARTIFACT_ROOT:

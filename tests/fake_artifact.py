@@ -1,6 +1,6 @@
 """A small but real artifact: ONNX graphs built with onnx.helper, run by real ONNX Runtime.
 
-The graphs follow the artifact contract (export/contract.py) exactly, but compute simple
+The graphs follow the artifact contract (contract.py) exactly, but compute simple
 closed-form functions so that a numpy simulation (`Simulation`) predicts every output:
 
     vision   image_features = mean(pixel_values) * A + B                     (N, D)
@@ -22,15 +22,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from reroute_export.export import contract as C
+from reroute_export import contract as C
 from reroute_export.export.artifact import ArtifactWriter
+from reroute_export.families.qwen2_5_vl import Qwen25VL
 from reroute_export.plan import RoutingPlan, Stage
-from reroute_export.preprocess import QWEN2_5_VL, Preprocessor
+from reroute_export.preprocess import Preprocessor
 
 NKV, HD = 2, 4
 D = NKV * HD
 ELEM = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 NP = {"fp32": np.float32, "fp16": np.float16}
+QWEN2_5_VL = Qwen25VL.name
 
 
 def fake_plan(n: int) -> RoutingPlan:
@@ -160,7 +162,7 @@ def build_fake_artifact(
     plan = fake_plan(n)
     vocab = len(pre.tokenizer)
     w = Weights(vocab, n)
-    family = pre.family
+    family = pre.family.name
     rank = pixel_rank or (2 if family == QWEN2_5_VL else 4)
     grid = [1, *(s // pre.image_processor.patch_size for s in pre.image_size)] if family == QWEN2_5_VL else None
     with ArtifactWriter(folder, force=True) as writer:

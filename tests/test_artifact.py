@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from reroute_export.errors import UserError
-from reroute_export.export import contract as C
+from reroute_export import contract as C
 from reroute_export.export.artifact import ArtifactWriter, read_manifest, sha256_file
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import tiny_artifact
 from reroute_export.cli import main
-from reroute_export.export import contract as C
+from reroute_export import contract as C
 from reroute_export.preprocess import samples
 
 IMAGE, PROMPT = str(samples()[0][0]), samples()[0][1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_artifact
-from reroute_export import bench
+from reroute_export.bench import cli as bench_cli, report, run as bench_run, timing
 from reroute_export.errors import UserError
 
 MODEL, BUDGET, METHODS = "tiny-llava", 32, ("none", "reroute")
@@ -32,7 +32,7 @@ def _artifacts(tmp_path: Path) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reroute-export")
-    bench.register_cli(parser.add_subparsers(dest="command"))
+    bench_cli.register_cli(parser.add_subparsers(dest="command"))
     return parser
 
 
@@ -47,7 +47,7 @@ def test_bench_cli_writes_records_and_summary(tmp_path: Path) -> None:
         "--backends", "torch,onnxruntime,tensorrt", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2",
         "--artifacts", str(_artifacts(tmp_path)), "--json", str(out), "--markdown", str(md), "--quiet",
     ])
-    assert args.func is bench.cmd_bench and args.threads == 2
+    assert args.func is bench_cli.cmd_bench and args.threads == 2
     assert args.func(args) == 0
     payload = json.loads(out.read_text())
     records = payload["records"]
@@ -81,32 +81,32 @@ def test_bench_cli_writes_records_and_summary(tmp_path: Path) -> None:
 
 
 def test_run_bench_torch_only_without_export() -> None:
-    records = bench.run_bench(MODEL, BUDGET, ["pdrop"], ["torch"], repeats=1, warmup=0, threads=1,
+    records = bench_run.run_bench(MODEL, BUDGET, ["pdrop"], ["torch"], repeats=1, warmup=0, threads=1,
                               progress=False, decode_tokens=1)
     (r,) = records
     assert r["method"] == "pdrop" and r["backend"] == "torch" and r["threads"] == 1
     assert all(_positive(r[k]) for k in TIMED + ANALYTIC)
-    summary = bench.summarize(records)
+    summary = report.summarize(records)
     assert summary["per_backend"] == {} and "onnxruntime_over_torch" not in summary
 
 
 def test_torch_static_backend_matches_the_eager_reference() -> None:
     """The export's static-shape modules run by torch (eagerly on a CPU; CUDA graphs on a GPU):
     identical decisions and greedy tokens to the eager engine, and the static/eager ratio."""
-    records = bench.run_bench("tiny-qwen2.5-vl", BUDGET, ["reroute"], ["torch", "torch-static"], repeats=1,
+    records = bench_run.run_bench("tiny-qwen2.5-vl", BUDGET, ["reroute"], ["torch", "torch-static"], repeats=1,
                               warmup=0, threads=1, progress=False, decode_tokens=3)
     eager, static = records
     assert static["backend"] == "torch-static" and static["status"] == "ok" and static["cuda_graphs"] is False
     assert all(_positive(static[k]) for k in TIMED)
     assert static["decisions"] == eager["decisions"] and len(static["decisions"]) == 4
     assert static["greedy_tokens"] == eager["greedy_tokens"]
-    summary = bench.summarize(records)
+    summary = report.summarize(records)
     assert _positive(summary["static_over_eager"]) and _positive(summary["static_over_eager_decode"])
     assert summary["greedy_tokens_agree"]["reroute"]["torch-static_vs_torch"]["decisions_equal"] is True
 
 
 def test_random_weights_run_in_another_dtype_skip_the_artifact_backends() -> None:
-    records = bench.run_bench(MODEL, BUDGET, ["reroute"], ["torch", "onnxruntime"], repeats=1, warmup=0,
+    records = bench_run.run_bench(MODEL, BUDGET, ["reroute"], ["torch", "onnxruntime"], repeats=1, warmup=0,
                               progress=False, decode_tokens=1, dtype="bf16", random_weights=True)
     torch_rec, ort = records
     assert torch_rec["status"] == "ok" and torch_rec["dtype"] == "bf16" and torch_rec["random_weights"] is True
@@ -129,7 +129,7 @@ def test_bad_input_is_one_line_user_error(kwargs, message) -> None:
     call = {"model_name": MODEL, "budget": BUDGET, "methods": ["reroute"], "backends": ["torch"],
             "repeats": 1, "warmup": 0, "progress": False, **kwargs}
     with pytest.raises(UserError, match=message) as e:
-        bench.run_bench(**call)
+        bench_run.run_bench(**call)
     assert "\n" not in str(e.value)
 
 
@@ -138,4 +138,4 @@ def test_percentile_matches_numpy() -> None:
 
     xs = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
     for q in (0, 50, 90, 100):
-        assert bench.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+        assert timing.percentile(xs, q) == pytest.approx(np.percentile(xs, q))

@@ -15,9 +15,10 @@ import onnx
 import pytest
 
 from conftest import tiny_artifact
-from reroute_export import calibrate as cal
+from reroute_export.quantize import calibration_set, fp8, recipes, run as quantize_run
+from reroute_export.quantize import cli as quantize_cli
 from reroute_export.errors import UserError
-from reroute_export.export import contract as C
+from reroute_export import contract as C
 from reroute_export.export.artifact import read_manifest
 from reroute_export.preprocess import load_image, samples
 from reroute_export.runtime import OrtArtifact
@@ -48,7 +49,7 @@ def test_calibration_manifest_files_hashes_and_licences() -> None:
     assert total < 1.5 * 2**20
     # every image in the folder is listed (nothing unlicensed ships)
     assert {p.name for p in (CALIBRATION / "images").iterdir()} == {Path(e["file"]).name for e in entries}
-    assert [s.image.name for s in cal.load_calibration_set()] == [Path(e["file"]).name for e in entries]
+    assert [s.image.name for s in calibration_set.load_calibration_set()] == [Path(e["file"]).name for e in entries]
 
 
 def test_calibration_set_checksum_mismatch_is_one_line(tmp_path: Path) -> None:
@@ -57,29 +58,29 @@ def test_calibration_set_checksum_mismatch_is_one_line(tmp_path: Path) -> None:
     first = json.loads((bad / "manifest.json").read_text())["samples"][0]["file"]
     (bad / first).write_bytes((bad / first).read_bytes() + b"\0")
     with pytest.raises(UserError, match="checksum mismatch"):
-        cal.load_calibration_set(bad)
+        calibration_set.load_calibration_set(bad)
 
 
-@pytest.mark.parametrize("precision", cal.PRECISIONS)
+@pytest.mark.parametrize("precision", recipes.PRECISIONS)
 def test_default_recipes_load(precision: str) -> None:
-    r = cal.load_recipe(None, precision)
+    r = recipes.load_recipe(None, precision)
     assert r.name == f"{precision}-default" and r.precision == precision
-    assert r.samples <= len(cal.load_calibration_set()) and r.decode_steps >= 1
-    assert set(r.graphs) == set(cal.ROLES) and r.q("op_types") == ["MatMul", "Gemm"]
+    assert r.samples <= len(calibration_set.load_calibration_set()) and r.decode_steps >= 1
+    assert set(r.graphs) == set(recipes.ROLES) and r.q("op_types") == ["MatMul", "Gemm"]
 
 
 def test_recipe_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
-        cal.load_recipe("no-such-recipe", "int8")
+        recipes.load_recipe("no-such-recipe", "int8")
     with pytest.raises(UserError, match="is for fp8"):
-        cal.load_recipe("fp8-default", "int8")
+        recipes.load_recipe("fp8-default", "int8")
     bad = tmp_path / "r.json"
     bad.write_text(json.dumps({"precision": "int8", "quantizer": {"calibration_method": "entropy"}}))
     with pytest.raises(UserError, match="calibration_method"):
-        cal.load_recipe(str(bad), "int8")
+        recipes.load_recipe(str(bad), "int8")
     bad.write_text(json.dumps({"precision": "int8", "quantizer": {"bogus": 1}}))
     with pytest.raises(UserError, match="unknown quantizer"):
-        cal.load_recipe(str(bad), "int8")
+        recipes.load_recipe(str(bad), "int8")
 
 
 # ---------------------------------------------------------------- int8 on both tiny families
@@ -88,7 +89,7 @@ def test_recipe_errors(tmp_path: Path) -> None:
 @functools.lru_cache(maxsize=None)
 def _calibrated(family: str, root: str) -> Path:
     out = Path(root) / f"{family}-int8"
-    cal.calibrate(tiny_artifact(family), out, "int8", quiet=True)
+    quantize_run.calibrate(tiny_artifact(family), out, "int8", quiet=True)
     return out
 
 
@@ -172,28 +173,28 @@ def test_int8_artifact_runs_in_onnxruntime(family: str, qroot: str) -> None:
 def test_calibrate_refusals(tmp_path: Path) -> None:
     src = tiny_artifact("llava")
     with pytest.raises(UserError, match="artifact folder not found"):
-        cal.calibrate(tmp_path / "missing", tmp_path / "out", "int8", quiet=True)
+        quantize_run.calibrate(tmp_path / "missing", tmp_path / "out", "int8", quiet=True)
     with pytest.raises(UserError, match="outside the fp32 artifact"):
-        cal.calibrate(src, src / "q", "int8", quiet=True)
+        quantize_run.calibrate(src, src / "q", "int8", quiet=True)
     with pytest.raises(UserError, match="unknown precision"):
-        cal.calibrate(src, tmp_path / "out", "int4", quiet=True)
+        quantize_run.calibrate(src, tmp_path / "out", "int4", quiet=True)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep")
     with pytest.raises(UserError, match="exists"):
-        cal.calibrate(src, tmp_path / "taken", "int8", quiet=True)
+        quantize_run.calibrate(src, tmp_path / "taken", "int8", quiet=True)
     assert (tmp_path / "taken" / "x").read_text() == "keep"
 
 
 def test_cli_registration_and_json(tmp_path: Path, capsys) -> None:
     parser = argparse.ArgumentParser(prog="reroute-export")
-    cal.register_cli(parser.add_subparsers(dest="command"))
+    quantize_cli.register_cli(parser.add_subparsers(dest="command"))
     recipe = tmp_path / "quick.json"
     base = json.loads((CALIBRATION / "recipes/int8-default.json").read_text())
     recipe.write_text(json.dumps({**base, "name": "quick", "samples": 2, "decode_steps": 1, "parity": {"tokens": 2}}))
     out = tmp_path / "q"
     args = parser.parse_args(["calibrate", "--artifact", str(tiny_artifact("qwen2.5-vl")), "--precision", "int8",
                               "--output", str(out), "--recipe", str(recipe), "--json", "-"])
-    assert args.func is cal.cmd_calibrate
+    assert args.func is quantize_cli.cmd_calibrate
     code = args.func(args)
     printed = json.loads(capsys.readouterr().out)
     assert printed["quantization"]["recipe"]["name"] == "quick"
@@ -228,9 +229,9 @@ def test_fp8_int8_to_float8_rewrite() -> None:
          numpy_helper.from_array(np.round(w / w_scale).astype(np.int8), "w_quantized"),
          numpy_helper.from_array(w_scale.astype(np.float32), "w_scale"),
          numpy_helper.from_array(np.zeros(4, np.int8), "w_zero_point")]), opset_imports=[helper.make_opsetid("", 18)])
-    out = cal.int8_qdq_to_fp8(q, src)
+    out = fp8.int8_qdq_to_fp8(q, src)
     onnx.checker.check_model(out, full_check=True)
-    assert out.opset_import[0].version == cal.FP8_OPSET and out.ir_version == cal.FP8_IR
+    assert out.opset_import[0].version == fp8.FP8_OPSET and out.ir_version == fp8.FP8_IR
     inits = {t.name: t for t in out.graph.initializer}
     assert inits["w_quantized"].data_type == TensorProto.FLOAT8E4M3FN
     assert inits["x_zero_point"].data_type == TensorProto.FLOAT8E4M3FN

@@ -14,6 +14,7 @@ import torch
 from reroute_export import tiny
 from reroute_export.checkpoint_files import check_weight_files, load_bytes
 from reroute_export.errors import UserError
+from reroute_export.families.llava import Llava
 from reroute_export.registry import load
 from test_bad_inputs import IMAGE, one_line_error
 
@@ -22,7 +23,7 @@ from test_bad_inputs import IMAGE, one_line_error
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny LLaVA saved as transformers saves it (one model.safetensors). Copy before damaging."""
     folder = tmp_path_factory.mktemp("ckpt") / "tiny-llava-ckpt"
-    model, pre = tiny.tiny_llava()
+    model, pre = Llava.tiny()
     tiny.save_checkpoint(model, pre, folder)
     return folder
 
@@ -122,9 +123,9 @@ def test_truncated_bin_is_one_line(bin_only, capsys) -> None:
 
 def test_bin_only_checkpoint_that_does_not_fit_is_one_line(bin_only, tmp_path, capsys, monkeypatch) -> None:
     """Too big for memory: no streaming to fall back on (safetensors only), so say how to get it."""
-    import reroute_export.export.pipeline as pipeline
+    import reroute_export.checkpoint_files as checkpoint_files
 
-    monkeypatch.setattr(pipeline, "available_bytes", lambda: 1 << 20)  # 1 MiB free: the memory boundary
+    monkeypatch.setattr(checkpoint_files, "available_bytes", lambda: 1 << 20)  # 1 MiB free: the memory boundary
     out = tmp_path / "out"
     for args in (["trace", "--model", bin_only, "--budget", "8", "--image", IMAGE, "--prompt", "hi"],
                  ["export", "--model", bin_only, "--budget", "8", "--output", out]):

@@ -33,7 +33,10 @@ from safetensors.torch import load_file
 
 from reroute_export import tiny
 from reroute_export.cli import main
-from reroute_export.export import contract as C
+from reroute_export import contract as C
+from reroute_export.families import get_family
+from reroute_export.families.llava import Llava
+from reroute_export.families.qwen2_5_vl import TINY_IMAGE_SIZE
 from reroute_export.preprocess import SETTINGS_FILE, Preprocessor, load_image, sample_path
 
 pytestmark = pytest.mark.slow
@@ -60,13 +63,13 @@ CASES = {
     # 84 px CLIP: N = 36, not the 576 of the llava-1.5-7b spec a 6-layer checkpoint inherits from
     "llava-84px-tied-shards-streamed": Case("llava", tiny.Sizes(image_size=84, text_layers=6), True, "shards",
                                             36, stream=True),
-    "llava-untied-bin": Case("llava", tiny.TINY_LLAVA, False, "bin", 64),
+    "llava-untied-bin": Case("llava", tiny.Sizes(), False, "bin", 64),
     # the processor: exactly 224x224 = 50176 px -> grid 1x16x16 -> 64 tokens (7B spec: 576)
     "qwen-50176px-tied-bin": Case("qwen2.5-vl", tiny.Sizes(image_size=224, text_layers=6), True, "bin", 64,
                                   bounds=(50176, 50176)),
     # at most 28224 px: fixed square 168x168 -> 36 tokens; the export's arrays come from HF's
     # dynamic resize of a 3:2 photo instead -> grid 1x8x14 -> 28 tokens, and they win
-    "qwen-28224px-untied-shards-streamed": Case("qwen2.5-vl", tiny.TINY_QWEN, False, "shards", 36,
+    "qwen-28224px-untied-shards-streamed": Case("qwen2.5-vl", tiny.Sizes(image_size=TINY_IMAGE_SIZE), False, "shards", 36,
                                                 bounds=(3136, 28224), stream=True, dynamic=True),
 }
 INPUTS = [(name, kind) for name, case in CASES.items()
@@ -102,7 +105,7 @@ def set_bounds(folder: Path, bounds: tuple[int, int]) -> None:
 
 
 def build_checkpoint(case: Case, folder: Path) -> Path:
-    build = tiny.tiny_llava if case.family == "llava" else tiny.tiny_qwen2_5_vl
+    build = get_family(case.family).tiny
     model, pre = build(seed=1, sizes=case.sizes)
     if case.tied:
         tie_embeddings(model)
@@ -158,11 +161,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 def make(name: str, case: Case, root: Path) -> Exported:
     folder = build_checkpoint(case, root / "checkpoint")  # named like the issue's: not a registered model
     if case.dynamic:  # HF's own aspect-keeping resize, under the folder's bounds
-        pre = Preprocessor.from_pretrained(folder, case.family, image_size=None)
+        pre = Preprocessor.from_pretrained(folder, get_family(case.family), image_size=None)
         arrays = save_arrays(pre, WIDE_IMAGE, root / "arrays")
         sample = arrays
     else:
-        arrays = save_arrays(Preprocessor.from_pretrained(folder, case.family), IMAGE, root / "arrays")
+        arrays = save_arrays(Preprocessor.from_pretrained(folder, get_family(case.family)), IMAGE, root / "arrays")
         sample = ["--image", str(IMAGE), "--prompt", PROMPT]
     artifact = root / "artifact"
     args = ["export", "--model", str(folder), *PLAN, *sample, "--output", str(artifact), "--max-new-tokens",
@@ -207,7 +210,7 @@ def test_eager_checkpoint_equals_its_artifact(name: str, kind: str, built, tmp_p
         ref = trace(tmp_path, "ref", "--model", b.folder, *b.arrays)
         got = trace(tmp_path, "art", "--artifact", b.artifact, *b.arrays)
     else:  # the artifact's own preprocessor must give the grid it was exported for
-        pre = Preprocessor.from_pretrained(b.artifact / C.PREPROCESSOR, CASES[name].family)
+        pre = Preprocessor.from_pretrained(b.artifact / C.PREPROCESSOR, get_family(CASES[name].family))
         ref = trace(tmp_path, "ref", "--model", b.folder, *save_arrays(pre, WIDE_IMAGE, tmp_path / "own"))
         got = trace(tmp_path, "art", "--artifact", b.artifact, "--image", WIDE_IMAGE, "--prompt", PROMPT)
     assert_same(ref, got)
@@ -282,7 +285,7 @@ def test_llava_crop_must_be_clips_square(tmp_path: Path, capsys) -> None:
         assert "crop_size gives 112x140, but LLaVA's CLIP tower takes only 112x112" in error_line(capsys)
     assert not (tmp_path / "art").exists()
     # why: the HF model itself (the reference) refuses anything but its square
-    model = tiny.tiny_llava()[0]
+    model = Llava.tiny()[0]
     with pytest.raises(ValueError, match="doesn't match model"):
         model.model.get_image_features(torch.zeros(1, 3, 112, 140), vision_feature_layer=-2,
                                        vision_feature_select_strategy="default")

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import FAMILIES, sample_inputs, tiny, tiny_artifact
 from reroute_export.cli import main
-from reroute_export.export import contract as C
+from reroute_export import contract as C
 from reroute_export.export.artifact import read_manifest
 from reroute_export.export.onnx_ops import DOMAIN
 from reroute_export.preprocess import samples

@@ -75,8 +75,9 @@ def test_summary_fields(artifact) -> None:
 def test_human_json_and_quiet_output(entry, artifact, tmp_path, capsys) -> None:
     code, out, err = run(entry, artifact, capsys=capsys)
     assert code == 0 and err == ""
+    listed = len(json.loads((artifact / "manifest.json").read_text())["files"])  # graphs, tokenizer, chat template...
     for text in ("tiny-llava (llava)", "plan: reroute, N=64 visual tokens", "precision fp32  opset 18  IR 8",
-                 "prefill.onnx", "checksums: 8 files verified", "post-export check: passed"):
+                 "prefill.onnx", f"checksums: {listed} files verified", "post-export check: passed"):
         assert text in out, text
     code, out, _ = run(entry, artifact, "--json", tmp_path / "inspect.json", "--quiet", capsys=capsys)
     assert code == 0 and out == ""
@@ -100,7 +101,8 @@ def test_tampered_copy_fails_verification_with_one_line(entry, artifact, tmp_pat
     code, _, err = run(entry, copy, "--json", tmp_path / "bad.json", capsys=capsys)
     assert code == 2 and len(err.splitlines()) == 1
     saved = json.loads((tmp_path / "bad.json").read_text())
-    assert saved["verification"] == {"checked": True, "ok": False, "files": 8,
+    listed = len(json.loads((copy / "manifest.json").read_text())["files"])
+    assert saved["verification"] == {"checked": True, "ok": False, "files": listed,
                                      "problems": ["prefill.onnx checksum mismatch"]}
     code, out, _ = run(entry, copy, "--no-verify", capsys=capsys)
     assert code == 0 and "checksums: not verified" in out

@@ -5,9 +5,9 @@ TensorRT estimate separates what running needs from the workspace limit."""
 from __future__ import annotations
 
 from reroute_export import paths
-from reroute_export.bench import TARGETS, speed_text, summarize, summary_lines
+from reroute_export.bench.report import TARGETS, speed_text, summarize, summary_lines
 from reroute_export.build import trt as B
-from reroute_export.calibrate import print_summary
+from reroute_export.quantize.report import print_summary
 from reroute_export.check.parity import ParityReport, summary_rows
 from reroute_export.check.tolerances import tolerances
 from reroute_export.cli import print_trt

@@ -11,8 +11,8 @@ import onnx
 import torch
 
 from conftest import sample_inputs, tiny
-from reroute_export.export import contract as C
-from reroute_export.export.pipeline import ExportOptions, export_artifact
+from reroute_export import contract as C
+from reroute_export.pipeline import ExportOptions, export_artifact
 from reroute_export.plan import make_plan
 
 HOT = 4  # the layer whose keys overflow fp16 (not a decision layer of the plan)

@@ -16,15 +16,19 @@ from transformers import (
 )
 
 from reroute_export.errors import UserError
+from reroute_export.families import get_family
+from reroute_export.families.llava import Llava
+from reroute_export.families.qwen2_5_vl import Qwen25VL, fixed_image_size
 from reroute_export.preprocess import (
     Preprocessor,
     VLInputs,
-    fixed_image_size,
     load_image,
     sample_path,
     samples,
 )
-from reroute_export.tiny import save_checkpoint, tiny_llava, tiny_qwen2_5_vl
+from reroute_export.tiny import save_checkpoint
+
+tiny_llava, tiny_qwen2_5_vl = Llava.tiny, Qwen25VL.tiny
 
 BUILDERS: dict[str, tuple[Callable[..., tuple[PreTrainedModel, Preprocessor]], type[PreTrainedModel]]] = {
     "llava": (tiny_llava, LlavaForConditionalGeneration),
@@ -186,7 +190,7 @@ def test_checkpoint_round_trip(tiny, images, tmp_path: Path) -> None:
     save_checkpoint(model, pre, tmp_path)
     _, model_cls = BUILDERS[family]
     loaded = model_cls.from_pretrained(tmp_path).eval()
-    pre2 = Preprocessor.from_pretrained(tmp_path, family)
+    pre2 = Preprocessor.from_pretrained(tmp_path, get_family(family))
     assert pre2.image_token_id == pre.image_token_id and pre2.image_size == pre.image_size
     a = pre(images, ["Describe the image.", "What is it?"])
     b = pre2(images, ["Describe the image.", "What is it?"])
@@ -285,7 +289,7 @@ def test_qwen_checkpoint_bounds_set_the_grid(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())
     config["size"] = {"shortest_edge": 50176, "longest_edge": 50176}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
-    loaded = Preprocessor.from_pretrained(tmp_path, "qwen2.5-vl")
+    loaded = Preprocessor.from_pretrained(tmp_path, Qwen25VL)
     assert loaded.image_size == (224, 224) and loaded.visual_tokens == 64
     wide = loaded.for_grid((1, 8, 14))  # arrays given with another grid: the copy admits it
     assert wide.image_size == (112, 196) and wide.visual_tokens == 28 and loaded.image_size == (224, 224)

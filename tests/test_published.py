@@ -14,10 +14,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from reroute_export import published, tiny
+from reroute_export import published, registry
 from reroute_export.cli import run
 from reroute_export.errors import UserError
-from reroute_export.registry import get_family, load
+from reroute_export.families import get_family
+from reroute_export.registry import load
 from reroute_export.spec import known_specs
 
 # The published checkpoints' parameter counts (HF model pages: 7.06B, 13.4B, 3.75B, 8.29B).
@@ -56,7 +57,7 @@ def test_a_disagreeing_spec_is_refused_in_one_line() -> None:
                                             "vision.visual_tokens: spec 600, config 576"]
     with pytest.raises(UserError, match=r"^graphs/qwen2.5-vl-3b.json disagrees with the published "
                                         r"Qwen/Qwen2.5-VL-3B-Instruct config: text.num_layers") as e:
-        tiny.build_random(bad, torch.float16, "meta")
+        registry.build_random(bad, torch.float16, "meta")
     assert "\n" not in str(e.value)
 
 
@@ -66,7 +67,7 @@ def test_random_weights_have_the_published_parameter_count(name: str) -> None:
     the offline token ids change no size."""
     from transformers import AutoModelForImageTextToText
 
-    assert tiny.parameter_count(known_specs()[name]) == PUBLISHED_PARAMETERS[name]
+    assert registry.parameter_count(known_specs()[name]) == PUBLISHED_PARAMETERS[name]
     with torch.device("meta"):
         reference = AutoModelForImageTextToText.from_config(published.config(name))
     assert sum(p.numel() for p in reference.parameters()) == PUBLISHED_PARAMETERS[name]
@@ -90,7 +91,7 @@ def test_token_ids_follow_the_offline_tokenizer(name: str) -> None:
     model, pre = loaded.model, loaded.preprocessor
     assert loaded.family.image_token_id(model) == pre.image_token_id
     assert pre.visual_tokens == loaded.spec.vision.visual_tokens
-    off = tiny._OFFLINE[loaded.spec.family]
+    off = loaded.family.offline
     for path, token in off.ids.items():
         value = model.config
         for part in path.split("."):
@@ -109,7 +110,7 @@ def test_models_json_lists_family_checkpoint_and_parameter_count(tmp_path, capsy
     tiny_llava = listed["tiny-llava"]
     assert tiny_llava == {"name": "tiny-llava", "family": "llava", "checkpoint": None, "layers": 8,
                           "visual_tokens": 64, "parameters": tiny_llava["parameters"]}
-    built, _ = tiny.build(known_specs()["tiny-llava"])  # a built-in model's count is the one it builds
+    built, _ = registry.build(known_specs()["tiny-llava"])  # a built-in model's count is the one it builds
     assert tiny_llava["parameters"] == sum(p.numel() for p in built.parameters())
     # a file, and the table (with its params column) on stdout
     assert run(["models", "--json", str(tmp_path / "models.json")]) == 0

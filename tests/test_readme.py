@@ -82,3 +82,44 @@ def test_only_shipped_inputs_point_into_the_repo(tmp_path) -> None:
     for arg in ("out/", "artifact/", "int8/", "out/manifest.json", "parity.json", "--output", "/abs/out/",
                 "reroute_export/data/samples/", "reroute_export/data/samples/missing.jpg"):
         assert shipped_input(arg, tmp_path) == arg
+
+
+# ---------------------------------------------------------------- the layout table
+
+CODE = re.compile(r"`([^`]+)`(?:\s*\(([^)]*)\))?")  # `path` optionally followed by (`file`, `file`, ...)
+
+
+def layout_cells() -> list[str]:
+    """The "where" cell of every row of README's "How the code is laid out" table."""
+    section = (ROOT / "README.md").read_text().split("## How the code is laid out")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    return [row.strip().strip("|").split("|")[-1] for row in rows[1:]]  # rows[0]: the header
+
+
+def _one_path(name: str, bases: list[Path]) -> Path:
+    found = [base / name for base in bases if (base / name).exists()]
+    assert len(found) == 1, f"README's layout table names {name!r}: found {found} under {bases}"
+    return found[0].resolve()
+
+
+def layout_paths(cell: str) -> list[Path]:
+    """Paths a cell names: from the repo root or reroute_export/; files in parentheses
+    after a folder are in that folder."""
+    out = []
+    for match in CODE.finditer(cell):
+        folder = _one_path(match.group(1), [ROOT, ROOT / "reroute_export"])
+        out.append(folder)
+        out += [_one_path(name, [folder]) for name in re.findall(r"`([^`]+)`", match.group(2) or "")]
+    return out
+
+
+def test_layout_table_matches_the_tree() -> None:
+    """Every path the table names exists, and every module of the package is named by a row
+    (a package's __init__.py by its folder)."""
+    cells = layout_cells()
+    assert len(cells) > 10
+    named = {p for cell in cells for p in layout_paths(cell)}
+    modules = sorted((ROOT / "reroute_export").rglob("*.py"))
+    unnamed = [str(m.relative_to(ROOT)) for m in modules
+               if m.resolve() not in named and not (m.name == "__init__.py" and m.parent.resolve() in named)]
+    assert not unnamed, f"modules no row of README's layout table names: {unnamed}"

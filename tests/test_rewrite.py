@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, sample_inputs, tiny, tiny_artifact
-from reroute_export.export import contract as C
+from reroute_export import contract as C
 from reroute_export.export.decoder import DecoderExample, decode_example
 from reroute_export.export.onnx_ops import DOMAIN, inline_functions
 from reroute_export.plan import make_plan

@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILIES, sample_inputs, tiny
 from reroute_export.plan import RoutingPlan, Stage, make_plan
 from reroute_export.preprocess import load_image, samples
-from reroute_export.registry import families
+from reroute_export.families import families
 from reroute_export.routing import RoutedModel, generate
 from reroute_export.routing.select import top_k_ascending
 

@@ -13,11 +13,14 @@ import torch
 from conftest import FAMILIES, tiny
 from fake_artifact import HD, NKV, Simulation, build_fake_artifact
 from reroute_export.errors import UserError
-from reroute_export.preprocess import QWEN2_5_VL, Preprocessor, load_image, samples
+from reroute_export.families.llava import llava_positions
+from reroute_export.families.qwen2_5_vl import Qwen25VL, qwen_positions
+from reroute_export.preprocess import Preprocessor, load_image, samples
 from reroute_export.runtime import OrtArtifact
-from reroute_export.runtime.positions import llava_positions, next_position, qwen_positions
+from reroute_export.runtime.positions import next_position
 
 SAMPLES = samples()
+QWEN2_5_VL = Qwen25VL.name
 
 
 # ---------------------------------------------------------------- positions
@@ -41,7 +44,7 @@ def _qwen_case(image_size: tuple[int, int] | None, index: int):
     m = tiny(QWEN2_5_VL)
     pre = m.preprocessor
     if image_size is not None:
-        pre = Preprocessor(QWEN2_5_VL, pre.tokenizer, pre.image_processor, image_size=image_size)
+        pre = Preprocessor(Qwen25VL, pre.tokenizer, pre.image_processor, image_size=image_size)
     path, prompt = SAMPLES[index]
     return m.model, pre([load_image(path)], [prompt])
 

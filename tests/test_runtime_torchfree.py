@@ -28,7 +28,8 @@ import PIL.Image
 import pytest
 
 from conftest import FAMILIES, tiny_artifact
-from reroute_export.export import contract as C
+from reroute_export import contract as C
+from reroute_export.families import get_family
 from reroute_export.preprocess import Preprocessor, load_image, samples
 from reroute_export.runtime import OrtArtifact
 from reroute_export.runtime.processor import ArtifactProcessor
@@ -53,7 +54,7 @@ def _odd_images() -> dict[str, PIL.Image.Image]:
 
 def _processors(family: str) -> tuple[Preprocessor, ArtifactProcessor]:
     folder = tiny_artifact(family) / C.PREPROCESSOR
-    return Preprocessor.from_pretrained(folder, family), ArtifactProcessor.load(folder, family)
+    return Preprocessor.from_pretrained(folder, get_family(family)), ArtifactProcessor.load(folder, family)
 
 
 def _assert_same(ref, got, what: str) -> None:
@@ -90,7 +91,7 @@ def test_host_steps_match_transformers() -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
     from reroute_export.families import host
-    from reroute_export.families.qwen2_5_vl_host import smart_resize
+    from reroute_export.families.qwen2_5_vl import smart_resize
 
     rng = np.random.default_rng(0)
     for h, w in [(30, 40), (41, 17), (224, 224), (7, 500), (333, 111)]:
@@ -106,7 +107,8 @@ def test_host_steps_match_transformers() -> None:
 
 
 def test_runtime_imports_no_torch() -> None:
-    code = ("import sys, reroute_export.runtime, reroute_export.preprocess, reroute_export.registry as r; r.families();"
+    code = ("import sys, reroute_export.runtime, reroute_export.preprocess, reroute_export.registry, "
+            "reroute_export.families as f; f.families();"
             "bad = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
@@ -180,7 +182,7 @@ def _import_seconds(python: str, cwd: Path) -> float:
 def _full_install_ids(artifact: Path, family: str, image: Path, prompt: str) -> tuple[list[int], dict]:
     """What the full install ran before: transformers' Preprocessor feeding OrtArtifact."""
     art = OrtArtifact.load(artifact)
-    inputs = Preprocessor.from_pretrained(artifact / C.PREPROCESSOR, family)([load_image(image)], [prompt])
+    inputs = Preprocessor.from_pretrained(artifact / C.PREPROCESSOR, get_family(family))([load_image(image)], [prompt])
     result = art.trace(inputs, TOKENS)
     return result.generated_ids, result.decisions
 

@@ -1,6 +1,6 @@
 """Streamed export (`--random-weights`): parameters on the meta device, each weight drawn
 and written one tensor at a time. What must hold: the files on disk carry exactly the
-weights `tiny.build_random` gives the materialised model, so the artifact matches that
+weights `registry.build_random` gives the materialised model, so the artifact matches that
 model as closely as an in-memory export does (checked by the post-export parity check and
 by reading weights back), and nothing of the model is ever materialised during export."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reroute_export import tiny
+from reroute_export import registry, tiny
 from reroute_export.cli import run
 from reroute_export.errors import UserError
 from reroute_export.export.stream import WeightStream, is_streamed, random_source
@@ -86,7 +86,7 @@ def test_inspect_reports_a_skipped_check_as_skipped() -> None:
 
 def test_random_weights_take_a_registered_name(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
-    model, pre = tiny.build(load("tiny-llava").spec)
+    model, pre = registry.build(load("tiny-llava").spec)
     tiny.save_checkpoint(model, pre, ckpt)
     with pytest.raises(UserError, match="--random-weights takes a registered model name"):
         load(str(ckpt), random_weights=True)
@@ -96,7 +96,7 @@ def test_random_weights_take_a_registered_name(tmp_path: Path) -> None:
 
 
 def _checkpoint(tmp_path: Path, spec: str) -> tuple[Path, torch.nn.Module]:
-    model, pre = tiny.build(load(spec).spec)
+    model, pre = registry.build(load(spec).spec)
     folder = tmp_path / spec
     tiny.save_checkpoint(model, pre, folder)  # transformers writes the hub layout (e.g. language_model.model.*)
     return folder, model

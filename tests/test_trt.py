@@ -30,7 +30,7 @@ from reroute_export.build import trt as B
 from reroute_export.check.lint import lint
 from reroute_export.cli import main
 from reroute_export.errors import UserError
-from reroute_export.export import contract as C
+from reroute_export import contract as C
 from reroute_export.export.artifact import read_manifest, sha256_file
 
 # Facts from NVIDIA's migration guides, kept independent of data/trt_devices.json:
@@ -424,6 +424,7 @@ class _HostStream:
 def test_trt_runner_plumbing_matches_ort(cli_trt, tmp_path, device_kv) -> None:
     import torch
 
+    from reroute_export.families import get_family
     from reroute_export.preprocess import Preprocessor
     from reroute_export.runtime import OrtArtifact
     from reroute_export.runtime.trt import KV_PREFIX, TrtArtifact, TrtGraph
@@ -439,7 +440,7 @@ def test_trt_runner_plumbing_matches_ort(cli_trt, tmp_path, device_kv) -> None:
         graphs[graph] = TrtGraph(engine, runtime, fake, torch, _HostStream(), (KV_PREFIX,) if device_kv else (),
                                  device=torch.device("cpu"))
     art = TrtArtifact(folder, manifest, graphs, np.load(folder / C.EMBEDDINGS, mmap_mode="r"),
-                      Preprocessor.from_pretrained(folder / C.PREPROCESSOR, manifest["family"]))
+                      Preprocessor.from_pretrained(folder / C.PREPROCESSOR, get_family(manifest["family"])))
     inputs = sample_inputs("llava")
     got = art.trace(inputs, 6)
     ref = OrtArtifact.load(folder, verify=False).trace(inputs, 6)

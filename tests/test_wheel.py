@@ -108,7 +108,7 @@ def test_wheel_carries_the_data_folders(installed: Installed) -> None:
 
 
 def test_installed_package_is_the_wheel(installed: Installed, tmp_path) -> None:
-    code = ("import reroute_export, reroute_export.calibrate as c, reroute_export.spec as s;"
+    code = ("import reroute_export, reroute_export.quantize.calibration_set as c, reroute_export.spec as s;"
             "print(reroute_export.__file__); print(s.graphs_dir()); print(c.calibration_dir());"
             "print(len(c.load_calibration_set()))")
     out = installed.run([str(installed.bin("python")), "-c", code], cwd=tmp_path)

@@ -39,7 +39,8 @@ from typing import Any
 import onnx
 
 from ..errors import UserError
-from ..export import contract as C
+from ..files import write_json
+from .. import contract as C
 
 DEVICES = Path(__file__).resolve().parent.parent / "data" / "trt_devices.json"
 EXIT_NOT_BUILT = 3  # documented: ONNX artifact and build plan written, no engine built here
@@ -424,7 +425,7 @@ def build_script(plan: dict[str, Any]) -> str:
 
 def write_build_files(folder: Path, plan: dict[str, Any]) -> None:
     folder = Path(folder)
-    (folder / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+    write_json(folder / PLAN_FILE, plan)
     script = folder / SCRIPT_FILE
     script.write_text(build_script(plan))
     script.chmod(0o755)

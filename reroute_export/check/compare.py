@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..trace import TraceResult
+from ..results import TraceResult
 
 
 def stage_agreement(ref: dict[str, list[int]], got: dict[str, list[int]]) -> list[dict[str, Any]]:
@@ -29,6 +29,15 @@ def logit_metrics(ref: list[float], got: list[float]) -> dict[str, Any]:
         "top1_agree": bool(a.argmax() == b.argmax()), "top5_overlap": top5,
         "finite": bool(np.isfinite(b).all()),
     }
+
+
+def vision_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    """The candidate's image features (N, D) against the reference's."""
+    a, b = ref.astype(np.float64).reshape(-1), got.astype(np.float64).reshape(-1)
+    d = np.abs(a - b)
+    return {"vision_max_abs": float(d.max()), "vision_mean_abs": float(d.mean()),
+            "vision_cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)),
+            "vision_finite": bool(np.isfinite(b).all())}
 
 
 def token_metrics(ref: list[int], got: list[int]) -> dict[str, Any]:

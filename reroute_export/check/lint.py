@@ -179,7 +179,7 @@ def onnx_files(target: Path) -> list[Path]:
     its manifest and checksums verify, as every other command demands (a changed byte must
     not lint as "passed")."""
     if target.is_dir():
-        from ..export import contract as C
+        from .. import contract as C
         from ..export.artifact import read_manifest
 
         if not (target / C.MANIFEST).is_file():

@@ -13,17 +13,14 @@ Exit codes (the CLI's): 0 all checks passed, 1 a check failed, 2 could not run.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 from ..errors import GraphRunError, UserError
+from ..files import read_json
 from ..progress import Steps
-from .compare import compare, failures
+from .loop import Judged, compare_runtimes
 from .tolerances import DEFAULTS, tolerances
 
 
@@ -72,10 +69,7 @@ def input_set(spec: str | None) -> list[ParityInput]:
         path = path / "inputs.json"
     if not path.is_file():
         raise UserError(f"input set {spec} not found (a JSON file, or a folder with inputs.json)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UserError(f"input set {path} is not valid JSON ({e})") from None
+    raw = read_json(path, "input set")
     if not isinstance(raw, list) or not raw or not all(isinstance(r, dict) and {"image", "prompt"} <= set(r)
                                                       for r in raw):
         raise UserError(f"input set {path} must be a non-empty list of {{\"image\": ..., \"prompt\": ...}}")
@@ -88,55 +82,17 @@ def input_set(spec: str | None) -> list[ParityInput]:
     return out
 
 
-# ---------------------------------------------------------------- per-input checks
+# ---------------------------------------------------------------- the run
 
 
-def first_nonfinite_layer(kv: list[tuple[np.ndarray, np.ndarray]]) -> int | None:
-    """The first decoder layer whose prefill K or V holds a NaN/Inf (fp16 overflow shows here)."""
-    return next((i for i, (k, v) in enumerate(kv) if not (np.isfinite(k).all() and np.isfinite(v).all())), None)
-
-
-def nonfinite_message(layer: int) -> str:
-    start = max(0, layer - 1)
-    return (f"non-finite values first appear in the prefill KV cache of decoder layer {layer} (from layer "
-            f"{start}'s output or layer {layer}'s projections): an fp16 overflow; keep that part in fp32 "
-            f"(--fp32-layers {start}-{layer}) or export in fp32 (--precision fp32)")
-
-
-def vision_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
-    a, b = ref.astype(np.float64).reshape(-1), got.astype(np.float64).reshape(-1)
-    d = np.abs(a - b)
-    return {"vision_max_abs": float(d.max()), "vision_mean_abs": float(d.mean()),
-            "vision_cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)),
-            "vision_finite": bool(np.isfinite(b).all())}
-
-
-def check_input(loaded: Any, art: Any, plan: Any, item: ParityInput, tokens: int, tol: dict[str, float]
-                ) -> tuple[dict[str, Any], Any, Any]:
-    from ..export import contract as C
-    from ..preprocess import load_image
-    from ..trace import run_trace
-
-    image = load_image(item.image)
-    inputs = art.prepare(image, item.prompt).to_torch()  # the artifact's own preprocessing, for both sides
-    ref = run_trace(loaded, plan, inputs, tokens)
-    got = art.trace(inputs, tokens)
-    metrics = compare(ref, got)
-    with torch.no_grad():
-        ref_feats = loaded.family.image_features(loaded.model, inputs).float().numpy()  # (N, D)
-    got_feats = art.run_vision(inputs.pixel_values)
-    metrics.update(vision_metrics(ref_feats, got_feats))
-    pre = art.prefill(inputs)
-    metrics["nonfinite_layer"] = first_nonfinite_layer(pre["kv"])
-    bad = failures(metrics, tol)
-    if not metrics["vision_finite"]:
-        bad.insert(0, f"non-finite values in the vision graph's output ({C.IMAGE_FEATURES})")
-    if metrics["nonfinite_layer"] is not None:
-        bad.insert(0, nonfinite_message(metrics["nonfinite_layer"]))
-    record = {"input": item.name, "image": str(item.image), "prompt": item.prompt, "metrics": metrics,
-              "failures": bad, "reference": {"decisions": ref.decisions, "generated_ids": ref.generated_ids},
-              "artifact": {"decisions": got.decisions, "generated_ids": got.generated_ids}}
-    return record, ref, got
+def _record(item: ParityInput, judged: Judged) -> dict[str, Any]:
+    record = {"input": item.name, "image": str(item.image), "prompt": item.prompt, "metrics": judged.metrics}
+    if judged.error is not None:  # the artifact itself is broken: a failed check, not a crash
+        return {**record, "failures": [f"the artifact did not run: {judged.error}"]}
+    ref, got = judged.reference.trace, judged.candidate.trace
+    return {**record, "failures": judged.failures,
+            "reference": {"decisions": ref.decisions, "generated_ids": ref.generated_ids},
+            "artifact": {"decisions": got.decisions, "generated_ids": got.generated_ids}}
 
 
 def run_parity(artifact: Path, model: str | None = None, inputs: str | None = None, tokens: int = 16,
@@ -145,8 +101,10 @@ def run_parity(artifact: Path, model: str | None = None, inputs: str | None = No
                runner: Any = None) -> ParityReport:
     """Run the reference and the artifact on every input of the set; never raises for a
     failed check (see `ParityReport.failures`), only for inputs it cannot run."""
+    from ..preprocess import load_image
     from ..registry import load
     from ..runtime import OrtArtifact
+    from ..runtime.eager import EagerRuntime
     from ..trace import spec_for_inputs
 
     items = input_set(inputs)
@@ -160,19 +118,16 @@ def run_parity(artifact: Path, model: str | None = None, inputs: str | None = No
     loaded = spec_for_inputs(loaded, art.plan.visual_tokens)
     tol = tolerances(m["family"], m["precision"], overrides)
     report = ParityReport(str(artifact), source, m["precision"], tol, tokens)
+    # the artifact's own preprocessing, for both sides
+    cases = ((i.name, art.prepare(load_image(i.image), i.prompt).to_torch()) for i in items)
     steps = Steps(len(items), quiet=quiet, title="parity")
     try:
-        for item in items:
-            with steps.step(f"{item.name}: reference vs artifact"):
-                try:
-                    record, ref, got = check_input(loaded, art, art.plan, item, tokens, tol)
-                except GraphRunError as e:  # the artifact itself is broken: a failed check, not a crash
-                    report.inputs.append({"input": item.name, "image": str(item.image), "prompt": item.prompt,
-                                          "metrics": None, "failures": [f"the artifact did not run: {e}"]})
-                    continue
-            report.inputs.append(record)
-            if on_result is not None:
-                on_result(item, ref, got, art)
+        verdicts = compare_runtimes(EagerRuntime(loaded, art.plan), art, cases, tokens, tol, errors=(GraphRunError,),
+                                    step=lambda name: steps.step(f"{name}: reference vs artifact"))
+        for item, judged in zip(items, verdicts):
+            report.inputs.append(_record(item, judged))
+            if on_result is not None and judged.error is None:
+                on_result(item, judged.reference.trace, judged.candidate.trace, art)
     finally:
         steps.close()
     return report

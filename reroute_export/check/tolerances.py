@@ -1,4 +1,5 @@
-"""Tolerances are data: per precision (and family, where one needs looser bounds).
+"""Tolerances are data: per precision (and family, where one needs looser bounds: the
+family's own `Family.tolerance_overrides`, families/<family>.py).
 
 A metric named `*_min` must be >= the bound, `*_max` must be <= it. fp32 artifacts must
 reproduce the reference (routing identical, logits within 1e-4, every greedy token);
@@ -7,6 +8,8 @@ in the routing scores.
 """
 
 from __future__ import annotations
+
+from ..families import get_family
 
 DEFAULTS: dict[str, dict[str, float]] = {
     "fp32": {
@@ -31,11 +34,9 @@ METRICS = {
     "vision_max_abs_max", "vision_mean_abs_max", "vision_cosine_min",
 }
 
-FAMILY_OVERRIDES: dict[tuple[str, str], dict[str, float]] = {}
-
 
 def tolerances(family: str, precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
     tol = dict(DEFAULTS.get(precision, DEFAULTS["fp16"]))
-    tol.update(FAMILY_OVERRIDES.get((family, precision), {}))
+    tol.update(get_family(family).tolerance_overrides.get(precision, {}))
     tol.update(overrides or {})
     return tol

@@ -25,11 +25,12 @@ import secrets
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
+from .. import contract as C
+from ..contract import Manifest
 from ..errors import UserError
 from ..files import check_folders_above, write_error, writing
-from . import contract as C
 
 _CHUNK = 1 << 20  # hash in 1 MiB reads: graphs with external weights reach gigabytes
 
@@ -258,7 +259,7 @@ class ArtifactWriter:
             raise
         return self
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
+    def write_manifest(self, manifest: Manifest) -> None:
         """Hash every file written so far into `manifest` (updated in place, so the caller
         holds what was written) and write it. Call again after adding fields or files."""
         manifest["format"] = C.FORMAT
@@ -339,7 +340,7 @@ def _fsync_dir(folder: Path) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def _load_manifest(folder: Path) -> dict[str, Any]:
+def _load_manifest(folder: Path) -> Manifest:
     if not folder.is_dir():
         raise UserError(f"artifact folder not found: {folder}")
     path = folder / C.MANIFEST
@@ -351,7 +352,7 @@ def _load_manifest(folder: Path) -> dict[str, Any]:
         raise UserError(f"artifact {folder}: {C.MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict):
         raise UserError(f"artifact {folder}: {C.MANIFEST} is not a JSON object")
-    return raw
+    return cast(Manifest, raw)
 
 
 def _verify_files(folder: Path, files: dict[str, Any]) -> None:
@@ -365,7 +366,7 @@ def _verify_files(folder: Path, files: dict[str, Any]) -> None:
             raise UserError(f"artifact {folder}: {rel} checksum mismatch")
 
 
-def read_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
+def read_manifest(folder: Path, *, verify: bool = True) -> Manifest:
     """The manifest of an artifact folder, refusing other formats; `verify` re-hashes
     every listed file (seconds per GB) so a truncated copy fails here, not inside ORT."""
     folder = Path(folder)

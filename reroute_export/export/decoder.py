@@ -22,7 +22,7 @@ from ..families.base import Family
 from ..plan import RoutingPlan
 from ..rewrite.decoder import eager_attention, static_decode, static_prefill
 from ..rewrite.precision import layer_dtypes
-from . import contract as C
+from .. import contract as C
 from .onnx_ops import TRANSLATIONS, attach_functions, inline_functions
 from .stream import StreamedGraph, WeightStream
 

@@ -5,7 +5,7 @@ Why: torch.onnx's ModelProto path holds the weights several times over (the torc
 parameters, the ONNX IR tensors, the serialised protobuf, the external-data copy): 4.8x
 the fp16 weights on bench-llava, ~65 GB for a 7B model. Here
 
-1. the model is built with its parameters on the meta device (`tiny.build_random(...,
+1. the model is built with its parameters on the meta device (`registry.build_random(...,
    "meta")` for --random-weights, `registry.load(folder, dtype, "meta")` for a checkpoint):
    no weight exists in memory; a *source* gives one weight on request (`random_source`
    draws it from a seed and its name, `checkpoint_source` reads it from the safetensors
@@ -47,7 +47,7 @@ EXTERNAL_ABOVE = 1024  # bytes; smaller tensors stay inside the graph proto
 
 
 def random_source(model: torch.nn.Module, seed: int = 0) -> Source:
-    """The --random-weights source: the values `tiny.build_random` gives the same model on
+    """The --random-weights source: the values `registry.build_random` gives the same model on
     the CPU (so `parity` can rebuild the reference and compare)."""
     from ..tiny import random_tensor
 

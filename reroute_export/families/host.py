@@ -3,8 +3,10 @@
 An artifact must run where only numpy, Pillow, tokenizers and onnxruntime are installed
 (runtime/processor.py). Each family's HF image processor (transformers 5's PIL backend:
 `PilBackend` in image_processing_backends.py, the helpers in image_transforms.py) is
-re-done here step for step, with the same dtypes at every step, so the pixels are the
-very same floats; tests/test_runtime_torchfree.py holds them equal on the shipped photos.
+re-done step for step, with the same dtypes at every step, so the pixels are the very
+same floats: the steps the families share are here, each family's recipe composes them
+(`ClipImages` in llava.py, `QwenImages` in qwen2_5_vl.py); tests/test_runtime_torchfree.py
+holds them equal on the shipped photos.
 """
 
 from __future__ import annotations

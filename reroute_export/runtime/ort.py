@@ -13,9 +13,10 @@ Threads: ONNX Runtime's default intra-op pool, or REROUTE_EXPORT_THREADS if set.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -24,12 +25,13 @@ import PIL.Image
 # Nothing here may import torch or transformers, even indirectly: an artifact runs on an
 # install of numpy, Pillow, tokenizers and onnxruntime alone (tests/test_runtime_torchfree.py).
 from ..errors import GraphRunError, UserError
-from ..export import contract as C
+from .. import contract as C
 from ..export.artifact import read_manifest
 from ..inputs import ArrayInputs
 from ..plan import RoutingPlan
-from ..registry import get_family
+from ..families import get_family
 from ..results import TraceResult
+from .base import State
 from .positions import next_position
 from .processor import ArtifactProcessor
 
@@ -47,7 +49,7 @@ _ELEMENT_TYPES = {
     "tensor(bfloat16)": np.float32,  # numpy has no bf16; ORT would refuse the feed anyway
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
 }
-_MANIFEST_KEYS = ("family", "plan", "shapes", "image_token_id")
+MANIFEST_KEYS = ("family", "plan", "shapes", "image_token_id")
 
 
 def default_providers() -> list[str]:
@@ -132,8 +134,10 @@ class _Checked:
 
 
 class OrtArtifact:
-    """An artifact folder loaded for inference: manifest, plan, preprocessor, three sessions."""
+    """An artifact folder loaded for inference: manifest, plan, preprocessor, three sessions.
+    A `runtime.base.Runtime` (bind, trace, close)."""
 
+    backend = "onnxruntime"
     manifest: dict[str, Any]
     plan: RoutingPlan
     family: str
@@ -153,7 +157,7 @@ class OrtArtifact:
     def load(cls, folder: Path, providers: list[str] | None = None, *, verify: bool = True) -> "OrtArtifact":
         folder = Path(folder)
         manifest = read_manifest(folder, verify=verify)
-        lacking = [k for k in _MANIFEST_KEYS if k not in manifest]
+        lacking = [k for k in MANIFEST_KEYS if k not in manifest]
         if lacking:
             raise UserError(f"artifact {folder}: manifest lacks {', '.join(lacking)}; re-export it")
         names = {"vision": C.VISION, "prefill": C.PREFILL, "decode": C.DECODE, **manifest.get("graphs", {})}
@@ -302,3 +306,74 @@ class OrtArtifact:
         pre, ids = self.generate(inputs, max_new_tokens, self.manifest.get("eos_token_id"))
         decisions = {str(s.layer): d.tolist() for s, d in zip(self.plan.stages, pre["decisions"])}
         return TraceResult(decisions, pre["logits"].tolist(), ids, self.preprocessor.decode(ids), self.plan)
+
+    # ------------------------------------------------------------ runtime.base.Runtime
+
+    def bind(self, inputs: Inputs) -> "ArtifactRun":
+        """The host side of prefill done once (vision runs here): the run's calls are graphs alone."""
+        return ArtifactRun(self, inputs)
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers ONNX Runtime placed the prefill graph on."""
+        return self._prefill.session.get_providers()
+
+    @contextmanager
+    def recording(self, role: str) -> Iterator[list[dict[str, np.ndarray]]]:
+        """Every feed dict the `role` graph ("vision", "prefill", "decode") receives inside the
+        block, cast to its declared input types: what calibration observes."""
+        attr = f"_{role}"
+        graph = getattr(self, attr)
+        sink: list[dict[str, np.ndarray]] = []
+        setattr(self, attr, _Recorder(graph, sink))
+        try:
+            yield sink
+        finally:
+            setattr(self, attr, graph)
+
+    def close(self) -> None:
+        """Nothing to release early: the sessions go with the object."""
+
+
+class ArtifactRun:
+    """One input bound to an artifact (a `runtime.base.Run`): checks, embedding lookup,
+    image-slot writes and positions done at bind time."""
+
+    cuda = False  # ONNX Runtime and TensorRT runs return synchronised
+
+    def __init__(self, art: OrtArtifact, inputs: Inputs) -> None:
+        self.art, self.pixel_values = art, inputs.pixel_values
+        self.feeds = art.prefill_feeds(inputs)
+        self.details: dict[str, Any] = {}
+
+    def sync(self) -> None:
+        pass
+
+    def vision(self) -> np.ndarray:
+        return self.art.run_vision(self.pixel_values)  # (N, D)
+
+    def prefill(self) -> State:
+        out = self.art.run_prefill(self.feeds)
+        return State(out["logits"], out["kv"], out["decisions"], out["next_position"])
+
+    def decode(self, state: State, step: int) -> State:
+        token = int(np.argmax(state.logits))
+        logits, kv = self.art.decode_step(token, state.next_position + step, state.kv)
+        return replace(state, logits=logits, kv=kv)
+
+    def close(self) -> None:
+        pass
+
+
+class _Recorder:
+    """Stands in for one graph: runs it and keeps each feed dict as the graph receives it."""
+
+    def __init__(self, graph: Graph, sink: list[dict[str, np.ndarray]]) -> None:
+        self.graph, self.sink = graph, sink
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.graph, name)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.sink.append({n: np.ascontiguousarray(feeds[n], dtype=t) for n, t in self.graph.input_types.items()})
+        return self.graph(feeds)

@@ -6,7 +6,7 @@ runs on a runtime-only install. Text: the family's template, the image placehold
 expanded to one token per visual feature, tokenized by `tokenizer.json` itself, which
 holds the live tokenizer's post-processor (transformers saves its backend tokenizer as
 is, so LLaVA's BOS is already in its template: nothing to add here). Images: the
-family's host recipe (families/*_host.py). tests/test_runtime_torchfree.py holds ids,
+family's host recipe (`Family.host_images`). tests/test_runtime_torchfree.py holds ids,
 pixels, grids and decoded text equal to Preprocessor's.
 """
 
@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..families.host import read_json
 from ..inputs import ArrayInputs
 from ..preprocess import SETTINGS_FILE  # preprocess imports torch/transformers only to make a Preprocessor
-from ..registry import get_family
+from ..families import get_family
 
 if TYPE_CHECKING:
     from ..families.base import Family

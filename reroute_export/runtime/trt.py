@@ -30,14 +30,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..export import contract as C
+from .. import contract as C
 from ..export.artifact import read_manifest
+from .ort import MANIFEST_KEYS, OrtArtifact
 from .processor import ArtifactProcessor
-from . import ort as _ort
-from .ort import OrtArtifact
 
 GRAPHS = ("vision", "prefill", "decode")
-_MANIFEST_KEYS = getattr(_ort, "_MANIFEST_KEYS", ("family", "plan", "shapes", "image_token_id"))
 KV_PREFIX = C.present(0, "key").removesuffix("0.key")  # "present.": outputs kept on the GPU with device_kv
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
                  "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
@@ -156,7 +154,10 @@ class TrtGraph:
 
 class TrtArtifact(OrtArtifact):
     """An artifact folder with TensorRT engines: same interface as OrtArtifact
-    (load, prepare, prefill, decode_step, generate, trace)."""
+    (load, prepare, prefill, decode_step, generate, trace; bind for runtime.base.Runtime)."""
+
+    backend = "tensorrt"
+    keepalive: tuple[Any, ...] = ()  # TensorRT's runtime and logger: engines must not outlive them
 
     @classmethod
     def load(cls, folder: Path, providers: list[str] | None = None, *, verify: bool = True,
@@ -165,7 +166,7 @@ class TrtArtifact(OrtArtifact):
         trt, torch = _import_tensorrt()
         folder = Path(folder)
         manifest = read_manifest(folder, verify=verify)
-        lacking = [k for k in _MANIFEST_KEYS if k not in manifest]
+        lacking = [k for k in MANIFEST_KEYS if k not in manifest]
         if lacking:
             raise UserError(f"artifact {folder}: manifest lacks {', '.join(lacking)}; re-export it")
         files = engine_files(folder, manifest)
@@ -191,7 +192,7 @@ class TrtArtifact(OrtArtifact):
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
         art = cls(folder, manifest, graphs, embed, pre)
-        art._trt_keepalive = (runtime, logger)  # engines must not outlive their runtime
+        art.keepalive = (runtime, logger)
         return art
 
 

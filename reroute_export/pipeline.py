@@ -1,4 +1,5 @@
-"""load -> plan -> rewrite -> export -> check, written into an artifact folder atomically.
+"""The conductor: load -> plan -> rewrite -> export -> build -> check, written into an
+artifact folder atomically. It sits above every stage it runs (tests/test_imports.py).
 
 Everything goes into a temporary sibling folder (ArtifactWriter); the post-export check
 runs ONNX Runtime on the graphs in that folder against the eager fp32 reference; only
@@ -18,22 +19,22 @@ import numpy as np
 import onnx
 import torch
 
-from .. import __version__
-from ..check.compare import compare, failures
-from ..check.parity import first_nonfinite_layer, nonfinite_message
-from ..check.tolerances import tolerances
-from ..plan import RoutingPlan
-from ..progress import Steps
-from ..registry import Loaded
-from ..spec import spec_to_dict
-from ..trace import TraceResult, run_trace
+from . import __version__
 from . import contract as C
-from .artifact import ArtifactWriter
-from ..rewrite.precision import keep_layers_fp32
-from .decoder import DecoderExample, export_decode, export_prefill, save
-from .stream import WeightStream, check_streamed, checkpoint_source, is_streamed, random_source
+from .check.loop import compare_runtimes
+from .check.tolerances import tolerances
+from .checkpoint_files import available_bytes
+from .contract import Manifest
+from .export.artifact import ArtifactWriter
+from .export.decoder import DecoderExample, export_decode, export_prefill, save
+from .export.stream import WeightStream, check_streamed, checkpoint_source, is_streamed, random_source
+from .plan import RoutingPlan
+from .progress import Steps
+from .registry import Loaded
+from .rewrite.precision import keep_layers_fp32
+from .spec import spec_to_dict
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+PRECISIONS = dict(zip(C.PRECISIONS, (torch.float32, torch.float16)))  # export precision -> torch dtype
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class ExportOptions:
 @dataclass
 class ExportResult:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     check_failures: list[str]
 
     @property
@@ -98,8 +99,8 @@ def versions() -> dict[str, str]:
 
 
 def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, opts: ExportOptions,
-                  steps: Steps) -> tuple[dict[str, Any], WeightStream | None]:
-    from .vision import export_vision
+                  steps: Steps) -> tuple[Manifest, WeightStream | None]:
+    from .export.vision import export_vision
 
     dtype = PRECISIONS[opts.precision]
     # An fp16 copy only when the model is not in the export dtype already (meta copies are free).
@@ -111,7 +112,7 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
     grid = tuple(int(x) for x in inputs.image_grid_thw[0]) if inputs.image_grid_thw is not None else None
     sh = shapes(loaded, plan, opts)
     with steps.step("vision graph"):
-        export_vision(model, loaded.family.name, folder / C.VISION, example_pixel_values=inputs.pixel_values.to(dtype),
+        export_vision(model, loaded.family, folder / C.VISION, example_pixel_values=inputs.pixel_values.to(dtype),
                       image_grid_thw=grid, dtype=dtype, stream=stream)
     example = example_for(loaded, inputs, dtype)
     with steps.step("prefill graph (routing inside)"):
@@ -174,7 +175,7 @@ def reference_for_check(loaded: Loaded) -> tuple[Loaded | None, str | None]:
     reference and the ONNX Runtime sessions fit in half the available memory."""
     if not is_streamed(loaded.model):
         return loaded, None
-    from ..registry import load
+    from .registry import load
 
     params = sum(p.numel() for p in loaded.model.parameters())  # tied ones once
     need = params * (4 + 2 * 2)  # fp32 reference + prefill and decode sessions at 2 bytes/weight
@@ -187,31 +188,19 @@ def reference_for_check(loaded: Loaded) -> tuple[Loaded | None, str | None]:
     return replace(loaded, model=ref.model), None
 
 
-def available_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, manifest: dict[str, Any],
+def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, manifest: Manifest,
                       opts: ExportOptions) -> tuple[dict[str, Any], list[str]]:
-    """Run the artifact (ONNX Runtime) and the eager fp32 reference on the same input."""
-    from ..runtime import OrtArtifact
+    """Run the artifact (ONNX Runtime) and the eager fp32 reference on the same input: the
+    trace contract and the prefill KV's finiteness (the vision graph is `parity`'s to judge)."""
+    from .runtime import OrtArtifact
+    from .runtime.eager import EagerRuntime
 
-    ref: TraceResult = run_trace(loaded, plan, inputs, opts.check_tokens)
-    art = OrtArtifact.load(folder, verify=False)
-    got = art.trace(inputs, opts.check_tokens)
-    metrics = compare(ref, got)
-    metrics["nonfinite_layer"] = first_nonfinite_layer(art.prefill(inputs)["kv"])
     tol = tolerances(loaded.family.name, opts.precision)
-    bad = failures(metrics, tol)
-    if metrics["nonfinite_layer"] is not None:
-        bad.insert(0, nonfinite_message(metrics["nonfinite_layer"]))
-    return {"metrics": metrics, "tolerances": tol, "passed": not bad, "failures": bad}, bad
+    art = OrtArtifact.load(folder, verify=False)
+    (judged,) = compare_runtimes(EagerRuntime(loaded, plan), art, [("sample", inputs)], opts.check_tokens, tol,
+                                 vision=False)
+    bad = judged.failures
+    return {"metrics": judged.metrics, "tolerances": tol, "passed": not bad, "failures": bad}, bad
 
 
 def artifact_bytes(loaded: Loaded, opts: ExportOptions) -> int:
@@ -252,9 +241,9 @@ def export_artifact(loaded: Loaded, plan: RoutingPlan, inputs: Any, output: Path
     return ExportResult(Path(output), manifest, bad)
 
 
-def tensorrt_stage(folder: Path, manifest: dict[str, Any], opts: ExportOptions) -> dict[str, Any]:
+def tensorrt_stage(folder: Path, manifest: Manifest, opts: ExportOptions) -> dict[str, Any]:
     """Always the build plan and script; engines too where TensorRT and the target GPU are here."""
-    from ..build import trt
+    from .build import trt
 
     plan = trt.build_plan(folder, manifest, opts.device, opts.plugin_lib)
     trt.write_build_files(folder, plan)

@@ -1,4 +1,5 @@
-"""The artifact contract: file names and graph I/O names shared by export, runtime and checks.
+"""The artifact contract: file names, graph I/O names and the manifest's fields, shared by
+export, runtime, build and checks (the bottom layer: it imports nothing of ours).
 
 An artifact folder holds:
 
@@ -36,6 +37,8 @@ decode outputs
 
 from __future__ import annotations
 
+from typing import Any, TypedDict
+
 FORMAT = "reroute-export/1"  # bump when graph I/O changes; the loader refuses other formats
 
 MANIFEST = "manifest.json"
@@ -44,6 +47,8 @@ PREFILL = "prefill.onnx"
 DECODE = "decode.onnx"
 EMBEDDINGS = "embed_tokens.npy"
 PREPROCESSOR = "preprocessor"
+
+PRECISIONS = ("fp32", "fp16")  # what `export --precision` writes (calibrate makes int8/fp8 from fp32)
 
 # Opset <= 18 for TensorRT 10.3 (JetPack 6.x); IR 8 is read by ONNX Runtime >= 1.14 and
 # TensorRT 10.x (onnx 1.23 writes IR 14 by default, which older runtimes reject).
@@ -68,3 +73,37 @@ def past(i: int, kind: str) -> str:
 
 def selected(stage: int) -> str:
     return f"selected.{stage}"
+
+
+class Manifest(TypedDict, total=False):
+    """manifest.json: what export/artifact.py writes and reads back. A TypedDict, not a
+    dataclass: the file is this dict as JSON in the order its keys were set, so typing it
+    changes no byte, and stages add their own keys (check, trt, quantization) as they run."""
+
+    format: str  # FORMAT
+    model: str
+    model_source: str | None  # what loads the model again: a registered name or a folder
+    family: str
+    plan: dict[str, Any]  # RoutingPlan.to_dict()
+    spec: dict[str, Any]  # the graph spec the plan was made on
+    random_weights: bool
+    weights_written: str  # "streamed" | "in memory"
+    precision: str
+    opset: int
+    ir_version: int
+    inline_functions: bool
+    shapes: dict[str, Any]  # max_prompt_tokens, max_new_tokens, visual_tokens, widths, kv_cache_lengths
+    fp32_layers: list[int]
+    graphs: dict[str, str]  # role (vision, prefill, decode) -> file name
+    image_grid_thw: list[int] | None
+    spatial_merge_size: int | None
+    image_token_id: int
+    eos_token_id: int | None
+    versions: dict[str, str]
+    created: str  # ISO 8601, UTC
+    files: dict[str, dict[str, Any]]  # POSIX path -> {"sha256", "bytes"}
+    stream_check: dict[str, Any]
+    check: dict[str, Any]  # the post-export check: metrics, tolerances, passed, failures
+    trt: dict[str, Any]
+    quantization: dict[str, Any]
+    calibration_parity: dict[str, Any]

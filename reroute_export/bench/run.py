@@ -1,0 +1,372 @@
+"""`run_bench`: one record per (method, backend); see the package docstring for what is measured."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from ..check.loop import Observed
+from ..errors import UserError
+from ..runtime import ARTIFACT_BACKENDS, BACKENDS, TORCH_BACKENDS
+from ..runtime.base import Greedy, Run, Runtime, greedy, trace_of
+from .config import DEFAULT_BACKENDS, DEFAULT_METHODS, DTYPES, BenchConfig, check_config
+from .memory import rss_mb, working_memory_mb
+from .report import add_measured_speedup, agreement
+from .timing import Samples, timed_pass
+
+if TYPE_CHECKING:
+    from ..progress import Steps
+    from ..registry import Loaded
+
+# Words appended to the sample prompt until the prompt has the spec's text-token count
+# (LLaVA-1.5 benchmarks use ~40 text tokens around the 576 image tokens).
+_FILLER = ("Describe the image in detail: the main objects, their colours, where they are, "
+           "what is happening, and anything unusual you notice in the background of the picture.").split()
+
+
+class _Skip(Exception):
+    """A backend that cannot run here; the message is the records' status."""
+
+
+@dataclass
+class _Bound:
+    """One (method, backend) ready to measure, and what its record says about the setup."""
+
+    runtime: Runtime
+    run: Run
+    weights_rss_mb: float | None = None  # None: shared by every record of the backend (the torch model)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Measured:
+    samples: Samples
+    memory_pass: Greedy  # the untimed pass's tokens, margins and decisions
+    weights_rss_mb: float | None
+    extra: dict[str, Any]
+
+
+# ---------------------------------------------------------------- inputs, plans, artifacts
+
+
+def bench_inputs(loaded: Loaded) -> Any:
+    """The first shipped sample photo; its prompt lengthened to the spec's text-token count."""
+    from ..preprocess import load_image, samples
+
+    path, prompt = samples()[0]
+    image = load_image(path)
+    n = loaded.preprocessor.visual_tokens or 0
+    words = list(_FILLER)
+    inputs = loaded.preprocessor([image], [prompt])
+    while inputs.input_ids.shape[1] - n < loaded.spec.text_tokens and words:
+        prompt = f"{prompt} {words.pop(0)}"
+        inputs = loaded.preprocessor([image], [prompt])
+    return inputs
+
+
+def _plans(loaded: Loaded, cfg: BenchConfig) -> dict[str, Any]:
+    from ..plan import make_plan
+
+    return {m: make_plan(loaded.spec, m, budget=None if m == "none" else cfg.budget) for m in cfg.methods}
+
+
+def _reusable(folder: Path, loaded: Loaded, plan: Any, target: str) -> bool:
+    """An artifact of an earlier run for this model and plan (with engines, for trt)."""
+    from ..export.artifact import read_manifest
+
+    if not (folder / "manifest.json").is_file():
+        return False
+    try:
+        manifest = read_manifest(folder, verify=False)
+    except UserError:
+        return False
+    same = manifest.get("model") == loaded.spec.name and manifest.get("plan") == plan.to_dict()
+    return same and (target == "onnx" or bool((manifest.get("trt") or {}).get("built")))
+
+
+def _export(loaded: Loaded, plan: Any, inputs: Any, folder: Path, target: str = "onnx") -> float:
+    """Export (or reuse) the artifact for `plan`; seconds spent exporting (0 when reused).
+    target "trt" also builds TensorRT engines (where TensorRT and a GPU are present)."""
+    from ..pipeline import ExportOptions, export_artifact
+
+    if _reusable(folder, loaded, plan, target):
+        return 0.0
+    t0 = time.perf_counter()
+    result = export_artifact(loaded, plan, inputs, folder,
+                             ExportOptions(check=False, quiet=True, force=True, target=target))
+    if target == "trt" and not result.engines_built:
+        trt = result.manifest.get("trt", {})
+        raise _Skip(f"skipped: no TensorRT engine was built ({trt.get('reason') or trt.get('error') or 'unknown'})")
+    return time.perf_counter() - t0
+
+
+def _load_artifact(folder: Path, threads: int, backend: str) -> Runtime:
+    if backend == "tensorrt":
+        from ..runtime.trt import TrtArtifact
+
+        return TrtArtifact.load(folder, verify=False, device_kv=True)
+    from ..runtime import OrtArtifact
+    from ..runtime.ort import THREADS_ENV
+
+    old = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = str(threads)  # read by the runtime when it creates each session
+    try:
+        return OrtArtifact.load(folder, providers=["CPUExecutionProvider"], verify=False)
+    finally:
+        if old is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = old
+
+
+def _tensorrt_skip() -> str | None:
+    """None where TensorRT and a GPU are present, else the records' status."""
+    from ..build.trt import tensorrt_status
+
+    can, why = tensorrt_status()
+    if can:
+        return None
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "skipped: TensorRT not installed"
+    return f"skipped: {why}"
+
+
+def _skipped(cfg: BenchConfig) -> dict[str, str]:
+    """Backends that cannot run in this configuration, with the records' status."""
+    skipped = {b: why for b in cfg.backends if b == "tensorrt" and (why := _tensorrt_skip())}
+    if cfg.device != "cpu" or cfg.torch_dtype != "fp32" or cfg.random_weights:
+        for b in cfg.backends:  # the artifact backends export from an fp32 CPU model: not this one
+            if b not in TORCH_BACKENDS:
+                skipped[b] = (f"skipped: {b} exports the fp32 CPU model; this run holds the torch backends' "
+                              f"{cfg.torch_dtype} model on {cfg.device}" + (" with random weights" if cfg.random_weights
+                                                                            else "") + " (run it separately)")
+    return skipped
+
+
+# ---------------------------------------------------------------- the runs of one backend
+
+
+def _torch_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any, cfg: BenchConfig,
+                steps: Steps) -> dict[str, _Bound]:
+    from ..runtime.eager import EagerRuntime
+    from ..runtime.torch_static import TorchStaticRuntime
+
+    x = inputs.to(cfg.device)
+    if backend == "torch":
+        runtimes: dict[str, Runtime] = {m: EagerRuntime(loaded, plans[m]) for m in cfg.methods}
+        return {m: _Bound(rt, rt.bind(x)) for m, rt in runtimes.items()}
+    with steps.step("torch-static: build" + (" and capture CUDA graphs" if cfg.device != "cpu" else "")):
+        runtimes = {m: TorchStaticRuntime(loaded, plans[m], cfg.decode_tokens) for m in cfg.methods}
+        return {m: _Bound(rt, rt.bind(x)) for m, rt in runtimes.items()}
+
+
+def _artifact_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any, root: Path,
+                   cfg: BenchConfig, steps: Steps) -> dict[str, _Bound]:
+    """Export every method's artifact (engines too for tensorrt), then load and bind them all."""
+    target, suffix = ("trt", "-trt") if backend == "tensorrt" else ("onnx", "")
+    folders = {m: root / f"{loaded.spec.name}-{m}{suffix}" for m in cfg.methods}
+    export_s = {}
+    for m in cfg.methods:
+        with steps.step(f"export {m} artifact ({backend})"):
+            export_s[m] = _export(loaded, plans[m], inputs, folders[m], target)
+    gc.collect()
+    bound = {}
+    for m in cfg.methods:
+        before = rss_mb()
+        rt = _load_artifact(folders[m], cfg.threads, backend)
+        run = rt.bind(inputs)  # the host side of prefill, done once: the timer holds the graphs alone
+        extra = ({"providers": rt.providers, "ort_threading": f"{cfg.threads} intra-op threads per session, "
+                  "per-session pools (runtime default)"} if backend == "onnxruntime" else {"kv_on_device": True})
+        bound[m] = _Bound(rt, run, rss_mb() - before, {**extra, "export_s": export_s[m]})
+    return bound
+
+
+def _memory_pass(run: Run, decode_tokens: int) -> tuple[float, Greedy]:
+    """One untimed vision + prefill + greedy pass: its working memory, and what it decoded."""
+    return working_memory_mb(run, lambda: (run.vision(), greedy(run, decode_tokens + 1))[1])
+
+
+def _round_robin(bound: dict[str, _Bound], cfg: BenchConfig, steps: Steps, backend: str) -> dict[str, _Measured]:
+    samples = {m: Samples() for m in bound}
+    passes = {}
+    order = list(bound)
+    rounds = cfg.warmup + cfg.repeats
+    with steps.step(f"{backend}: memory pass"):
+        for m in order:  # first run of each session/plan: arenas and caches grow here
+            peak, passes[m] = _memory_pass(bound[m].run, cfg.decode_tokens)
+            samples[m].peak_mb.append(peak)
+    for r in range(rounds):
+        with steps.step(f"{backend}: {'warm-up' if r < cfg.warmup else 'timed'} round {r + 1}/{rounds}"):
+            for m in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+                timed_pass(bound[m].run, samples[m], cfg.decode_tokens, keep=r >= cfg.warmup)
+    return {m: _Measured(samples[m], passes[m], b.weights_rss_mb, {**b.extra, **b.run.details})
+            for m, b in bound.items()}
+
+
+@contextlib.contextmanager
+def _artifact_root(cfg: BenchConfig, live: list[str]) -> Iterator[Path | None]:
+    """cfg.artifacts, or a temporary folder (removed afterwards) when an artifact backend runs."""
+    if cfg.artifacts is not None or not set(live) & set(ARTIFACT_BACKENDS):
+        yield cfg.artifacts
+        return
+    with tempfile.TemporaryDirectory(prefix="reroute-bench-") as tmp:
+        yield Path(tmp)
+
+
+def _measure_backend(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any, root: Path | None,
+                     cfg: BenchConfig, steps: Steps) -> dict[str, _Measured]:
+    if backend in TORCH_BACKENDS:
+        bound = _torch_runs(backend, loaded, plans, inputs, cfg, steps)
+    else:
+        bound = _artifact_runs(backend, loaded, plans, inputs, root, cfg, steps)
+    try:
+        return _round_robin(bound, cfg, steps, backend)
+    finally:
+        for b in bound.values():
+            b.run.close()
+            b.runtime.close()
+        bound.clear()
+        gc.collect()  # sessions and arenas go before the next backend's memory pass
+
+
+def _measure(loaded: Loaded, plans: dict[str, Any], inputs: Any, cfg: BenchConfig, live: list[str],
+             skipped: dict[str, str], progress: bool) -> dict[tuple[str, str], _Measured]:
+    """Every live backend in turn; one that turns out unable to run joins `skipped`."""
+    import torch
+
+    from ..progress import Steps
+
+    rounds = cfg.warmup + cfg.repeats
+    exports = sum(b in ARTIFACT_BACKENDS for b in live) * len(cfg.methods) + ("torch-static" in live)
+    steps = Steps(len(live) * (rounds + 1) + exports, quiet=not progress, title="bench")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    out: dict[tuple[str, str], _Measured] = {}
+    try:
+        with _artifact_root(cfg, live) as root:
+            for backend in live:
+                try:
+                    measured = _measure_backend(backend, loaded, plans, inputs, root, cfg, steps)
+                except _Skip as e:
+                    skipped[backend] = str(e)
+                    continue
+                out.update({(m, backend): x for m, x in measured.items()})
+    finally:
+        steps.close()
+        torch.set_num_threads(threads_before)
+    return out
+
+
+# ---------------------------------------------------------------- records
+
+
+def _agreements(measured: dict[tuple[str, str], _Measured], plans: dict[str, Any],
+                cfg: BenchConfig) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per method, every backend's memory pass judged against the reference backend's: the
+    eager torch one when it ran, else the first that did."""
+    out = {}
+    for m in cfg.methods:
+        ran = sorted((b for b in cfg.backends if (m, b) in measured), key=lambda b: b != "torch")  # stable
+        seen = {b: _observed(plans[m], measured[(m, b)].memory_pass) for b in ran}
+        for b in ran[1:]:
+            out[(m, b)] = {"reference": ran[0], **agreement(seen[ran[0]], seen[b])}
+    return out
+
+
+def _observed(plan: Any, g: Greedy) -> Observed:
+    return Observed(trace_of(plan, g), margins=g.margins)
+
+
+def _record_base(cfg: BenchConfig, loaded: Loaded, plan: Any, rep: dict[str, Any], method: str, backend: str,
+                 inputs: Any) -> dict[str, Any]:
+    return {
+        "model": loaded.spec.name, "method": method, "backend": backend,
+        "device": cfg.device if backend in TORCH_BACKENDS else ("cuda" if backend == "tensorrt" else "cpu"),
+        "dtype": cfg.torch_dtype if backend in TORCH_BACKENDS else "fp32",
+        "random_weights": loaded.random_weights,
+        "budget": None if method == "none" else cfg.budget,
+        "stages": [{"layer": s.layer, "keep": s.keep} for s in plan.stages],
+        "avg_visual_tokens": plan.avg_visual_tokens,
+        "prompt_tokens": int(inputs.input_ids.shape[1]), "visual_tokens": plan.visual_tokens,
+        "text_tokens": rep["text_tokens"],
+        "threads": cfg.threads, "repeats": cfg.repeats, "warmup": cfg.warmup, "decode_tokens": cfg.decode_tokens,
+        "theoretical_speedup": rep["theoretical_speedup"],
+        "prefill_tflops": rep["prefill_tflops"], "prefill_tflops_none": rep["prefill_tflops_none"],
+        "vision_tflops": rep["vision_tflops"],
+        "prefill_tflops_with_vision": rep["prefill_tflops"] + rep["vision_tflops"],
+        "kv_cache_bytes_fp16": rep["kv_cache_bytes_fp16"], "kv_cache_bytes_fp16_none": rep["kv_cache_bytes_fp16_none"],
+        "kv_cache_entries": rep["kv_cache_entries"],
+        "peak_mem_kind": ("peak torch.cuda allocation growth during one untimed vision+prefill+decode pass "
+                          "(CUDA-graph pools are allocated at capture: graph_pool_mb)"
+                          if backend in TORCH_BACKENDS and cfg.device != "cpu" else
+                          "peak RSS growth during one untimed vision+prefill+decode pass, after malloc_trim "
+                          "(VmHWM reset via /proc/self/clear_refs); weights excluded (weights_rss_mb)"),
+    }
+
+
+def _measured_fields(x: _Measured, agreed: dict[str, Any] | None) -> dict[str, Any]:
+    g = x.memory_pass
+    return {"status": "ok", **x.samples.figures(), "weights_rss_mb": x.weights_rss_mb, "greedy_tokens": g.tokens,
+            "top2_margins": g.margins, "decisions": g.decisions, **x.extra,
+            **({"agreement": agreed} if agreed else {})}
+
+
+def _records(cfg: BenchConfig, loaded: Loaded, plans: dict[str, Any], inputs: Any,
+             measured: dict[tuple[str, str], _Measured], skipped: dict[str, str]) -> list[dict[str, Any]]:
+    from ..plan import plan_report
+
+    text_tokens = int(inputs.input_ids.shape[1]) - plans[cfg.methods[0]].visual_tokens
+    reports = {m: plan_report(loaded.spec, p, text_tokens) for m, p in plans.items()}
+    agreed = _agreements(measured, plans, cfg)
+    records = []
+    for backend in cfg.backends:
+        for m in cfg.methods:
+            base = _record_base(cfg, loaded, plans[m], reports[m], m, backend, inputs)
+            if backend in skipped:
+                records.append({**base, "status": skipped[backend]})
+            else:
+                records.append({**base, **_measured_fields(measured[(m, backend)], agreed.get((m, backend)))})
+    add_measured_speedup(records)
+    return records
+
+
+def run_bench(
+    model_name: str,
+    budget: float,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    backends: Sequence[str] = DEFAULT_BACKENDS,
+    repeats: int = 10,
+    warmup: int = 2,
+    threads: int = 2,
+    progress: bool = True,
+    *,
+    decode_tokens: int = 8,
+    artifacts: str | Path | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    random_weights: bool = False,
+) -> list[dict[str, Any]]:
+    """One record per (method, backend); see the package docstring for what is measured."""
+    cfg = BenchConfig(model_name, float(budget), tuple(methods), tuple(backends), int(repeats), int(warmup),
+                      int(threads), int(decode_tokens), Path(artifacts) if artifacts else None, device, dtype,
+                      random_weights)
+    check_config(cfg)
+    import torch
+
+    from ..registry import load
+
+    loaded = load(cfg.model, getattr(torch, DTYPES[cfg.torch_dtype]), cfg.device, random_weights=cfg.random_weights)
+    plans = _plans(loaded, cfg)  # bad budgets fail here, before any timing
+    inputs = bench_inputs(loaded)
+    skipped = _skipped(cfg)
+    live = [b for b in BACKENDS if b in cfg.backends and b not in skipped]  # torch first: it exports nothing
+    measured = _measure(loaded, plans, inputs, cfg, live, skipped, progress)
+    return _records(cfg, loaded, plans, inputs, measured, skipped)

@@ -1,0 +1,76 @@
+"""`calibrate`: an fp32 artifact -> a quantized (QDQ) ONNX artifact, calibrated with routing active.
+
+    reroute-export calibrate --artifact DIR --precision int8|fp8 --output DIR [--recipe NAME|FILE]
+
+What is calibrated, and on what
+    The calibration set ships in `calibration/` (photographs whose licence allows shipping,
+    one prompt each, sources and licences in `calibration/manifest.json`); a recipe
+    (`calibration/recipes/*.json`) says how many samples, the seed that picks and orders
+    them, how many decode steps per sample, and the quantizer settings. Every graph is
+    calibrated on the feeds the ONNX Runtime runtime itself builds for it
+    (`OrtArtifact.prefill` / `decode_step`): the vision graph on the processed photos, the
+    prefill graph on the host embedding of (prompt, fp32 image features) with the
+    unpruned model's positions, and the decode graph on real greedy decode steps whose
+    `past.*` are the fp32 prefill's per-layer caches. The routing runs inside the prefill
+    graph while it is observed, so the ranges are those of the routed model: after a
+    decision only the kept visual tokens reach a layer, and that is what the layer's
+    MatMuls see.
+
+What is quantized
+    Weight-bearing MatMul/Gemm only (weights per output channel, their input activations
+    per tensor, symmetric: TensorRT's explicit-quantization pattern). Left in floating
+    point: attention and routing-score MatMuls (activation x activation), the LM head
+    (by default), every `reroute` op (SelectVisual's TopK, RouteGather/RouteScatter's
+    index tensors) and everything else. The manifest lists each excluded MatMul/Gemm and
+    why. The `reroute` local functions are kept as they are (ONNX Runtime's quantizer
+    leaves nodes it does not quantize untouched), so the TensorRT plugin route still works.
+
+Library: onnxruntime.quantization (`quantize_static`, QuantFormat.QDQ, MinMax calibration)
+    It is already a dependency, runs on CPU, handles graphs with local functions and a
+    dynamic text axis, and writes standard QuantizeLinear/DequantizeLinear pairs that
+    TensorRT consumes as explicit quantization. NVIDIA ModelOpt's ONNX PTQ
+    (`nvidia-modelopt[onnx]` 0.47) is the library TensorRT recommends, but here it
+    cannot be installed next to this project: it pins onnx~=1.21 and, on x86-64 Linux,
+    onnxruntime-gpu~=1.24 and cupy-cuda12x (this project runs onnx 1.23 and CPU
+    onnxruntime 1.32), and it sends any graph with custom-domain ops to TensorRT's
+    execution provider for calibration. Where ModelOpt is installed (a GPU host with
+    TensorRT), recipe `"library": "modelopt"` or `--library modelopt` uses it instead, on
+    the same calibration feeds and exclusions, after inlining the `reroute` functions.
+
+FP8
+    ONNX Runtime's own FP8 path needs its "Distribution" (histogram) calibrator, which
+    cannot merge activations of different text lengths, and sets scales from the
+    standard deviation rather than the maximum. So fp8 is calibrated like int8 (max,
+    symmetric) and the Q/DQ pairs are then rewritten to FLOAT8E4M3FN with TensorRT's and
+    ModelOpt's convention, scale = amax / 448 (weights re-quantized from the fp32 values
+    per channel). FP8 QuantizeLinear needs opset 19 and IR 9, so an fp8 artifact
+    declares those (TensorRT >= 10 parses them; Jetson Orin has no FP8 at all). ONNX
+    Runtime's CPU provider runs FP8 Q/DQ by emulation (QuantizeLinear-19 /
+    DequantizeLinear-19 kernels, fp32 math in between), so the parity numbers are
+    those of FP8 rounding, not of FP8 tensor-core arithmetic. Where this onnxruntime
+    build cannot run them, the artifact is still written (it passes onnx.checker), the
+    manifest says parity was not measured and why, and the command exits 1.
+
+Output: a complete artifact folder (written atomically through ArtifactWriter) with the
+quantized graphs, the fp32 artifact's embed_tokens.npy and preprocessor/, and a manifest
+recording the precision, the quantization (library, version, recipe, calibration
+samples, excluded nodes) and `calibration_parity`: quantized vs fp32 artifact, both run
+by ONNX Runtime on CPU on the shipped sample photos (routing agreement per stage, last
+logits cosine, greedy token agreement, vision features cosine), judged with the
+precision's tolerances from check/tolerances.py.
+
+Exit codes (the CLI's): 0 written and parity within tolerances; 1 written but parity
+failed or could not be measured; 2 could not run (bad input, one line).
+
+The package, one concern per module:
+
+    calibration_set.py  the shipped (or $REROUTE_EXPORT_CALIBRATION) set, checksummed; samples picked by seed
+    recipes.py          recipes (calibration/recipes/*.json) and their checks; PRECISIONS, LIBRARIES, ROLES
+    feeds.py            each graph's calibration feeds, recorded from the runtime's own host code
+    select.py           which MatMul/Gemm nodes are quantized, and why the others are not
+    quantizers.py       ONNX Runtime's quantize_static and NVIDIA ModelOpt on those feeds and nodes
+    fp8.py              symmetric int8 Q/DQ rewritten to FLOAT8E4M3FN (scale = amax / 448)
+    report.py           calibration parity (check.loop: quantized vs fp32 artifact) and the summary
+    run.py              calibrate(): the artifact in, the quantized artifact out
+    cli.py              the `calibrate` subcommand
+"""
