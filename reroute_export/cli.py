@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from . import __version__, api
-from .console import emit_json, table
+from .console import table
+from .files import write_json
 from .errors import UserError
 from .paths import shown_dir
 
@@ -116,7 +117,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                "visual_tokens": s.vision.visual_tokens, "parameters": parameter_count(s)}
               for s in known_specs().values()]
     if args.json:
-        emit_json(args.json, {"models": models})
+        write_json(args.json, {"models": models})
     if not args.quiet and args.json != "-":
         rows = [{"model": m["name"], "family": m["family"], "layers": m["layers"],
                  "visual tokens": m["visual_tokens"], "params": f"{m['parameters']:,}",
@@ -128,7 +129,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     report = api.plan(args.model, text_tokens=args.text_tokens, **plan_kwargs(args)).to_json()
     if args.json:
-        emit_json(args.json, report)
+        write_json(args.json, report)
     if not args.quiet and args.json != "-":
         print_plan(report, args.budget)
     return 0
@@ -216,7 +217,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         name = loaded.spec.name
         family, thw = loaded.family.name, inputs.image_grid_thw
     if args.json:
-        emit_json(args.json, result.to_json())
+        write_json(args.json, result.to_json())
     if args.map:
         draw_map(result, args, family, thw)
     if not args.quiet and args.json != "-":
@@ -313,7 +314,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Image + prompt -> text from an exported artifact (ONNX Runtime), greedy."""
     result = load_artifact(args).trace(**need_sample(args), max_new_tokens=args.max_new_tokens)
     if args.json:
-        emit_json(args.json, {"text": result.text, "generated_ids": result.generated_ids,
+        write_json(args.json, {"text": result.text, "generated_ids": result.generated_ids,
                               "decisions": result.decisions})
     if not args.quiet and args.json != "-":
         print(result.text)
@@ -332,7 +333,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         **plan_kwargs(args), **sample_args(args))
     check = result.manifest.get("check")
     if args.json:
-        emit_json(args.json, result.manifest)
+        write_json(args.json, result.manifest)
     if not args.quiet and args.json != "-":
         from .plan import RoutingPlan
 
@@ -415,7 +416,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
                         quiet=args.quiet or args.json == "-", on_result=on_result,
                         runner=runtime_class(args.runtime))
     if args.json:
-        emit_json(args.json, report.to_json())
+        write_json(args.json, report.to_json())
     if args.markdown:
         from .files import write_text
 
@@ -447,7 +448,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
     report = lint(Path(args.target), args.trt_version)
     if args.json:
-        emit_json(args.json, report)
+        write_json(args.json, report)
     if not args.quiet and args.json != "-":
         if report["findings"]:
             print(table(report["findings"], ["severity", "graph", "node", "op", "message"]))

@@ -1,4 +1,4 @@
-"""Plain-text output shared by the commands: tables and JSON reports.
+"""Plain-text output shared by the commands: tables (JSON reports: files.write_json).
 
 Here, not in cli.py, so that the stages that register their own subcommands (bench,
 calibrate, inspect) print the same way without importing the CLI: imports run
@@ -8,8 +8,6 @@ cli -> library, never back.
 from __future__ import annotations
 
 from typing import Any, Sequence
-
-from .files import write_json
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -27,6 +25,3 @@ def _fmt(v: Any) -> str:
         return "-".join(str(x) for x in v)
     return str(v)
 
-
-# The one JSON writer (files.py), under the name the commands use: stdout for '-', else atomic.
-emit_json = write_json

@@ -13,7 +13,7 @@ from .errors import UserError
 from .inputs import load_npy_inputs
 from .plan import RoutingPlan
 from .registry import Loaded
-from .results import TraceResult, stage_table  # noqa: F401  (re-exported: torch-free home)
+from .results import TraceResult
 
 
 # ---------------------------------------------------------------- inputs

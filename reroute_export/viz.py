@@ -8,7 +8,7 @@ patch grid) with every patch cell marked
     deferred     not selected at this stage (deleted, for FastV / PDrop): grey frame, dimmed
     re-entered   kept at this stage after having been deferred at an earlier one: orange frame
 
-(the same counts as `trace.stage_table`). `side_by_side` draws a reference row and an
+(the same counts as `results.stage_table`). `side_by_side` draws a reference row and an
 artifact row with the patches whose selection differs crossed out in magenta, and
 `maps_differ_markdown` embeds it in `parity --markdown` when decisions differ.
 
@@ -98,7 +98,7 @@ class StageMap:
 
 
 def stage_maps(result: Any) -> list[StageMap]:
-    """Per decision stage, the state of every visual token (counts match `trace.stage_table`)."""
+    """Per decision stage, the state of every visual token (counts match `results.stage_table`)."""
     plan = result.plan
     n = int(plan.visual_tokens)
     out, deferred_before = [], set()

@@ -14,7 +14,8 @@ from reroute_export import viz
 from reroute_export.errors import UserError
 from reroute_export.plan import make_plan
 from reroute_export.preprocess import load_image, samples
-from reroute_export.trace import run_trace, stage_table
+from reroute_export.results import stage_table
+from reroute_export.trace import run_trace
 
 # chelsea.jpg is 336x224: LLaVA's centre crop is visible; astronaut.jpg is square.
 SAMPLE_FOR = {"llava": 1, "qwen2.5-vl": 0}
