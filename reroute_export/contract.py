@@ -63,6 +63,65 @@ VISUAL_START = "visual_start"
 LOGITS = "logits"
 
 
+# -- the deployable decoder (rewrite/segments.py): segments, decision heads, routing graphs
+
+HIDDEN = "hidden"
+HIDDEN_OUT = "hidden_out"
+QUERY, KEY, VALUE = "query", "key", "value"
+PAST_LENGTH = "past_length"
+KEPT = "kept"
+CANDIDATES = "candidates"
+
+
+def segment(s: int) -> str:
+    """Role of stage s's segment graph (layers [b_s, b_{s+1}))."""
+    return f"segment.{s}"
+
+
+def head(j: int) -> str:
+    """Role of decision j's head graph (its layer's norm + q/k/v)."""
+    return f"head.{j}"
+
+
+def route(j: int, bucket: int | None = None) -> str:
+    """Role of decision j's weight-free routing graph (per visual-token bucket for Qwen)."""
+    return f"route.{j}" if bucket is None else f"route.{j}.b{bucket}"
+
+
+def vision(bucket: int | None = None) -> str:
+    return "vision" if bucket is None else f"vision.b{bucket}"
+
+
+def file_of(role: str) -> str:
+    """segment.0 -> segment_0.onnx, route.1.b2 -> route_1_b2.onnx, vision -> vision.onnx."""
+    return role.replace(".", "_") + ".onnx"
+
+
+def new(i: int, kind: str) -> str:
+    """The T new rows of layer i's K or V a segment returns (written at past_length)."""
+    return f"new.{i}.{kind}"
+
+
+def kept(name: str) -> str:
+    return f"kept.{name}"
+
+
+def segment_io(layers: range, headed: bool, last: bool) -> tuple[list[str], list[str]]:
+    kv_in = [past(i, k) for i in layers for k in ("key", "value")]
+    kv_out = [new(i, k) for i in layers for k in ("key", "value")]
+    inputs = [HIDDEN, *([QUERY, KEY, VALUE] if headed else []), POSITION_IDS, PAST_LENGTH, *kv_in]
+    return inputs, [LOGITS if last else HIDDEN_OUT, *kv_out]
+
+
+HEAD_IO = ([HIDDEN], [QUERY, KEY, VALUE])
+
+
+def route_io(j: int, chained: bool) -> tuple[list[str], list[str]]:
+    inputs = [HIDDEN, QUERY, KEY, VALUE, POSITION_IDS, VISUAL_START, *([CANDIDATES] if chained else [])]
+    rows = [kept(n) for n in (HIDDEN, QUERY, KEY, VALUE, POSITION_IDS)]
+    return inputs, [selected(j), KEPT, *rows]
+
+
 def present(i: int, kind: str) -> str:
     return f"present.{i}.{kind}"
 

@@ -26,7 +26,7 @@ from .check.tolerances import tolerances
 from .checkpoint_files import available_bytes
 from .contract import Manifest
 from .export.artifact import ArtifactWriter
-from .export.decoder import DecoderExample, export_decode, export_prefill, save
+from .export.decoder import DecoderExample, export_decoder
 from .export.stream import WeightStream, check_streamed, checkpoint_source, is_streamed, random_source
 from .plan import RoutingPlan
 from .progress import Steps
@@ -87,6 +87,7 @@ def shapes(loaded: Loaded, plan: RoutingPlan, opts: ExportOptions) -> dict[str, 
         "num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim,
         "vocab_size": int(loaded.model.get_input_embeddings().num_embeddings),
         "kv_cache_lengths": [k - plan.visual_tokens for k in plan.keep_per_layer()],  # + prompt length
+        "cache_tokens": plan.cache_tokens(max_prompt, opts.max_new_tokens),  # each segment's fixed KV buffer
     }
 
 
@@ -115,12 +116,12 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
         export_vision(model, loaded.family, folder / C.VISION, example_pixel_values=inputs.pixel_values.to(dtype),
                       image_grid_thw=grid, dtype=dtype, stream=stream)
     example = example_for(loaded, inputs, dtype)
-    with steps.step("prefill graph (routing inside)"):
-        save(export_prefill(model, loaded.family, plan, example, sh["max_prompt_tokens"],
-                            inline=opts.inline_functions, stream=stream), folder / C.PREFILL)
-    with steps.step("decode graph"):
-        save(export_decode(model, loaded.family, plan, example, sh["max_prompt_tokens"] + sh["max_new_tokens"],
-                           inline=opts.inline_functions, stream=stream), folder / C.DECODE)
+    roles = 3 * len(plan.stages) + 1
+    with steps.step(f"decoder graphs: {len(plan.stages) + 1} segments, {len(plan.stages)} heads, "
+                    f"{len(plan.stages)} routing graphs"):
+        decoder_files = export_decoder(model, loaded.family, plan, example, sh["max_prompt_tokens"],
+                                       sh["max_new_tokens"], folder, inline=opts.inline_functions, stream=stream,
+                                       on_graph=lambda role: steps.note(f"{role} ({roles} graphs)"))
     with steps.step("embeddings and preprocessor"):
         if stream is not None:
             embed = model.get_input_embeddings().weight
@@ -137,7 +138,8 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
         "precision": opts.precision, "opset": C.OPSET, "ir_version": C.IR_VERSION,
         "inline_functions": opts.inline_functions, "shapes": sh,
         "fp32_layers": list(opts.fp32_layers) if opts.precision != "fp32" else [],
-        "graphs": {"vision": C.VISION, "prefill": C.PREFILL, "decode": C.DECODE},
+        "graphs": {"vision": C.VISION, **decoder_files},
+        "decoder": {"segments": [[r.start, r.stop] for r in plan.segments], "cache_tokens": sh["cache_tokens"]},
         "image_grid_thw": list(grid) if grid else None,
         "spatial_merge_size": getattr(vision_cfg, "spatial_merge_size", None),
         "image_token_id": loaded.family.image_token_id(loaded.model),
@@ -178,7 +180,7 @@ def reference_for_check(loaded: Loaded) -> tuple[Loaded | None, str | None]:
     from .registry import load
 
     params = sum(p.numel() for p in loaded.model.parameters())  # tied ones once
-    need = params * (4 + 2 * 2)  # fp32 reference + prefill and decode sessions at 2 bytes/weight
+    need = params * (4 + 2)  # fp32 reference + the ONNX Runtime sessions (each weight once) at 2 bytes
     avail = available_bytes()
     if avail is not None and need > avail // 2:
         return None, (f"skipped: the check needs ~{need / 2**30:.0f} GiB (fp32 reference + ONNX Runtime "
@@ -204,11 +206,10 @@ def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Pa
 
 
 def artifact_bytes(loaded: Loaded, opts: ExportOptions) -> int:
-    """At least what the export writes: every weight once at the export precision, twice for
-    an in-memory export (torch.onnx gives prefill and decode each their own copy of the
-    decoder's weights; a streamed export writes them once, shared)."""
+    """At least what the export writes: every weight once at the export precision (each
+    decoder weight lives in one segment or head graph, shared by prefill and decode)."""
     params = sum(p.numel() for p in loaded.model.parameters())  # tied ones once
-    return params * PRECISIONS[opts.precision].itemsize * (1 if is_streamed(loaded.model) else 2)
+    return params * PRECISIONS[opts.precision].itemsize
 
 
 def export_artifact(loaded: Loaded, plan: RoutingPlan, inputs: Any, output: Path, opts: ExportOptions) -> ExportResult:

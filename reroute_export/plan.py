@@ -63,6 +63,17 @@ class RoutingPlan:
         starts = [0, *self.decision_layers, self.num_layers]
         return range(starts[index + 1], starts[index + 2])
 
+    @property
+    def segments(self) -> list[range]:
+        """Layers of each deployable segment s = 0..S (stage s: before decision s, after s - 1)."""
+        return [self.stage_layers(s - 1) for s in range(len(self.stages) + 1)]
+
+    def cache_tokens(self, max_prompt_tokens: int, max_new_tokens: int) -> list[int]:
+        """Each segment's KV buffer length: its most prefill rows (L, then L - N + K_j) plus
+        every new token."""
+        rows = [max_prompt_tokens] + [max_prompt_tokens - self.visual_tokens + s.keep for s in self.stages]
+        return [r + max_new_tokens for r in rows]
+
     def describe(self) -> str:
         if not self.stages:
             return f"{self.method} (all {self.visual_tokens} visual tokens)"

@@ -1,8 +1,11 @@
-"""Export the static-shape prefill and decode graphs (torch.onnx dynamo exporter).
+"""Export the deployable decoder's graphs (rewrite/segments.py) with torch.onnx (dynamo).
 
-Text length is one symbolic axis of the prefill graph (bounded by max_prompt_tokens);
-each stage's cache length is one symbolic axis of the decode graph, shared by that
-stage's layers. N and every K_s are constants of the graph.
+One graph per role: segment.s (layers of stage s), head.j (decision j's norm + q/k/v),
+route.j (weight-free routing). Every decoder weight lands in exactly one graph. Free axes:
+a segment's and a head's row count T (one token in decode, the compact prompt in
+prefill, up to max_prompt_tokens), a segment's past-buffer length P (1 in prefill, the
+stage's fixed M_s in decode), a routing graph's scored rows (text length varies). N and
+every K_j are constants of the routing graphs.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from torch.export import Dim
 
 from ..families.base import Family
 from ..plan import RoutingPlan
-from ..rewrite.decoder import eager_attention, static_decode, static_prefill
-from ..rewrite.precision import layer_dtypes
+from ..rewrite.segments import Program
 from .. import contract as C
 from .onnx_ops import TRANSLATIONS, attach_functions, inline_functions
 from .stream import StreamedGraph, WeightStream
@@ -36,21 +38,6 @@ class DecoderExample:
     inputs_embeds: torch.Tensor  # (1, L, D)
     position_ids: torch.Tensor  # (1, L) or (3, 1, L)
     visual_start: torch.Tensor  # (1,)
-
-
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    make = C.present if prefix == "present" else C.past
-    return [make(i, kind) for i in range(num_layers) for kind in ("key", "value")]
-
-
-def stage_of_layers(plan: RoutingPlan) -> list[int]:
-    """Stage index per layer (0 = before the first decision)."""
-    out, stage = [], 0
-    starts = set(plan.decision_layers)
-    for i in range(plan.num_layers):
-        stage += i in starts
-        out.append(stage)
-    return out
 
 
 def finish(model: "onnx.ModelProto | StreamedGraph", inline: bool) -> "onnx.ModelProto | StreamedGraph":
@@ -106,50 +93,106 @@ def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, o
     return program.model_proto
 
 
-def export_prefill(
+def graph_examples(program: Program, example: DecoderExample, dtypes: Sequence[torch.dtype]) -> dict[str, tuple]:
+    """Per role, example inputs with the shapes prefill gives it (zeros: only shapes matter;
+    a streamed model has no weights to run). Past buffers are 2 rows: a size-1 example
+    would specialise the free axis."""
+    plan = program.plan
+    ex, d = example, example.inputs_embeds.shape[2]
+    length, dtype = ex.inputs_embeds.shape[1], ex.inputs_embeds.dtype
+    rows = plan.cache_tokens(length, 0)  # prefill rows per stage: L, then L - N + K_j
+    layer0 = program.segments[0].layers[0].self_attn
+    nh, nkv, hd = layer0.config.num_attention_heads, layer0.config.num_key_value_heads, layer0.head_dim
+
+    def qkv(t: int, dt: torch.dtype) -> tuple:
+        return (torch.zeros(1, t, nh * hd, dtype=dt), torch.zeros(1, t, nkv * hd, dtype=dt),
+                torch.zeros(1, t, nkv * hd, dtype=dt))
+
+    out: dict[str, tuple] = {}
+    for s, layers in enumerate(plan.segments):
+        t = rows[s]
+        past = [torch.zeros(1, nkv, 2, hd, dtype=dtypes[i]) for i in layers for _ in (0, 1)]
+        head = qkv(t, dtypes[layers.start]) if s > 0 else ()
+        out[C.segment(s)] = (torch.zeros(1, t, d, dtype=dtype), *head, ex.position_ids[..., :t],
+                             torch.zeros(1, dtype=torch.long), *past)
+    for j, stage in enumerate(plan.stages):
+        t = length if plan.recoverable else rows[j]
+        dt = dtypes[stage.layer]
+        out[C.head(j)] = (torch.zeros(1, t, d, dtype=dtype),)
+        cand = (torch.arange(program.routes[j].m).view(1, -1),) if program.routes[j].chained else ()
+        out[C.route(j)] = (torch.zeros(1, t, d, dtype=dtype), *qkv(t, dt), ex.position_ids[..., :t],
+                           ex.visual_start, *cand)
+    return out
+
+
+def graph_shapes(program: Program, role: str, args: tuple, max_prompt_tokens: int,
+                 cache_tokens: Sequence[int]) -> tuple:
+    """torch.export dynamic shapes for one role's example args."""
+    plan = program.plan
+    kind, index = role.split(".")[0], int(role.split(".")[1])
+    if kind == "segment":
+        t = Dim("tokens", min=1, max=max_prompt_tokens)
+        p = Dim("past_tokens", min=1, max=cache_tokens[index])
+        headed = index > 0
+        shapes: list = [{1: t}, *([{1: t}] * 3 if headed else [])]
+        pos = args[len(shapes)]
+        shapes += [{pos.dim() - 1: t}, None]
+        shapes += [{2: p}] * (2 * len(plan.segments[index]))
+        return tuple(shapes)
+    if kind == "head":
+        return ({1: Dim("tokens", min=1, max=max_prompt_tokens)},)
+    route = program.routes[index]
+    t = Dim("scored_tokens", min=route.m + 1, max=max_prompt_tokens - plan.visual_tokens + route.m)
+    pos = args[4]
+    return ({1: t}, {1: t}, {1: t}, {1: t}, {pos.dim() - 1: t}, None, *([None] if route.chained else []))
+
+
+def _by_signature(module: torch.nn.Module, flat: tuple) -> dict:
+    """Flat per-argument dynamic shapes -> the dict torch.export wants, keyed by forward's
+    parameter names (a *args parameter takes the rest as a tuple)."""
+    import inspect
+
+    out, rest = {}, list(flat)
+    for name, param in inspect.signature(module.forward).parameters.items():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            if rest:  # an empty *args has no entry
+                out[name] = tuple(rest)
+            rest = []
+        else:
+            out[name] = rest.pop(0)
+    return out
+
+
+def io_names(program: Program, role: str) -> tuple[list[str], list[str]]:
+    plan = program.plan
+    kind, index = role.split(".")[0], int(role.split(".")[1])
+    if kind == "segment":
+        return C.segment_io(plan.segments[index], index > 0, index == len(plan.segments) - 1)
+    if kind == "head":
+        return C.HEAD_IO
+    return C.route_io(index, program.routes[index].chained)
+
+
+def export_decoder(
     model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
-    max_prompt_tokens: int, *, inline: bool = False, stream: WeightStream | None = None,
-) -> "onnx.ModelProto | StreamedGraph":
-    n = plan.visual_tokens
-    length = Dim("prompt_tokens", min=n + 2, max=max_prompt_tokens)
-    pos_axis = example.position_ids.dim() - 1
-    shapes = {"inputs_embeds": {1: length}, "position_ids": {pos_axis: length}, "visual_start": None}
-    outputs = [C.LOGITS, *kv_names(plan.num_layers, "present"), *[C.selected(s) for s in range(len(plan.stages))]]
-    with eager_attention(model), torch.no_grad():
-        proto = _export(static_prefill(model, family, plan),
-                        (example.inputs_embeds, example.position_ids, example.visual_start),
-                        shapes, [C.INPUTS_EMBEDS, C.POSITION_IDS, C.VISUAL_START], outputs, stream)
-    return finish(proto, inline)
+    max_prompt_tokens: int, max_new_tokens: int, folder: Path, *, inline: bool = False,
+    stream: WeightStream | None = None, on_graph=None,
+) -> dict[str, str]:
+    """Write every decoder graph of `plan` into `folder`: role -> file name."""
+    from ..rewrite.segments import kv_dtypes
 
-
-def decode_example(plan: RoutingPlan, example: DecoderExample, num_kv_heads: int, head_dim: int,
-                   dtypes: Sequence[torch.dtype] | None = None) -> tuple:
-    """(inputs_embeds (1,1,D), position_ids, past k/v...) with each layer's true cache length
-    (L - N + K_l) and dtype (`dtypes`, default the example's): zeros suffice, the exporter
-    only needs shapes."""
-    length, dtype = example.inputs_embeds.shape[1], example.inputs_embeds.dtype
-    dtypes = dtypes or [dtype] * plan.num_layers
-    past = []
-    for keep, layer_dtype in zip(plan.keep_per_layer(), dtypes):
-        kv = torch.zeros(1, num_kv_heads, length - plan.visual_tokens + keep, head_dim, dtype=layer_dtype)
-        past += [kv, kv.clone()]
-    pos = example.position_ids[..., -1:] + 1  # (1, 1) or (3, 1, 1)
-    return (example.inputs_embeds[:, -1:], pos, *past)
-
-
-def export_decode(
-    model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
-    max_total_tokens: int, *, inline: bool = False, stream: WeightStream | None = None,
-) -> "onnx.ModelProto | StreamedGraph":
-    attn = family.decoder(model).layers[0].self_attn
-    args = decode_example(plan, example, attn.config.num_key_value_heads, attn.head_dim,
-                          layer_dtypes(model, family))
-    stages = stage_of_layers(plan)
-    dims = [Dim(f"past_tokens_{s}", min=1, max=max_total_tokens) for s in range(len(plan.stages) + 1)]
-    past_shapes: Sequence = tuple({2: dims[stages[i // 2]]} for i in range(2 * plan.num_layers))
-    shapes = {"inputs_embeds": None, "position_ids": None, "past": past_shapes}
-    with eager_attention(model), torch.no_grad():
-        proto = _export(static_decode(model, family, plan), args, shapes,
-                        [C.INPUTS_EMBEDS, C.POSITION_IDS, *kv_names(plan.num_layers, "past")],
-                        [C.LOGITS, *kv_names(plan.num_layers, "present")], stream)
-    return finish(proto, inline)
+    program = Program(model, family, plan)
+    cache = plan.cache_tokens(max_prompt_tokens, max_new_tokens)
+    examples = graph_examples(program, example, kv_dtypes(model, family))
+    files: dict[str, str] = {}
+    for role, module in program.graphs().items():
+        if on_graph is not None:
+            on_graph(role)
+        args = examples[role]
+        inputs, outputs = io_names(program, role)
+        shapes = _by_signature(module, graph_shapes(program, role, args, max_prompt_tokens, cache))
+        with torch.no_grad():
+            proto = _export(module, args, shapes, inputs, outputs, stream)
+        files[role] = C.file_of(role)
+        save(finish(proto, inline), folder / files[role])
+    return files

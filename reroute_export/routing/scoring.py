@@ -31,11 +31,19 @@ def last_row_scores(
     """
     attn = layer.self_attn
     cfg = attn.config
-    b, t, _ = h.shape
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
     x = layer.input_layernorm(h)  # (B, T, D)
-    q = attn.q_proj(x[:, -1:]).view(b, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
-    k = attn.k_proj(x).view(b, t, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+    q, k = attn.q_proj(x[:, -1:]), attn.k_proj(x)  # (B, 1, nh*hd), (B, T, nkv*hd)
+    return scores_from_qk(q, k, cos, sin, key_ok, cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim)
+
+
+def scores_from_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_ok: torch.Tensor,
+                   nh: int, nkv: int, hd: int) -> torch.Tensor:
+    """The score from projected rows: q (B, 1, nh*hd) of the last position, k (B, T, nkv*hd)
+    of every position, both pre-rope; cos/sin (B, T, hd). (B, T) float32. The exported
+    routing graph (rewrite/segments.Route) calls this very function."""
+    b, t, _ = k.shape
+    q = q.view(b, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
+    k = k.view(b, t, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
     q = apply_rope(q, cos[:, -1:], sin[:, -1:])
     k = apply_rope(k, cos, sin).repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hd)
     logits = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5  # (B, nh, 1, T)

@@ -98,9 +98,12 @@ def decision_lists(state: State) -> list[list[int]]:
 
 
 def kv_pairs(kv: Any) -> list[tuple[Any, Any]]:
-    """Per layer (key, value) of a state's caches: a list of pairs, or the engine's RoutedKVCache."""
+    """Per layer (key, value) of a state's caches: a list of pairs, an artifact's fixed buffers
+    (runtime/segmented.Cache: the valid rows) or the engine's RoutedKVCache."""
     if isinstance(kv, (list, tuple)):
         return list(kv)
+    if hasattr(kv, "pairs"):
+        return kv.pairs()
     return list(zip(kv.keys, kv.values))
 
 

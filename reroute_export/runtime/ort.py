@@ -1,11 +1,10 @@
 """Run an exported artifact with ONNX Runtime: vision -> routed prefill -> greedy decode.
 
-Everything outside the three graphs happens here on the host, in numpy: the embedding
-lookup (the table ships as embed_tokens.npy, memory-mapped), writing image features
-into the image-token slots, the family's position ids, and the decode loop that feeds
-each layer's `present.*` back as `past.*`. Per-layer caches differ in length by stage
-(DESIGN.md 1, "KV cache and decoding"); the loop never needs to know, it only passes
-them through.
+Everything outside the graphs happens here on the host, in numpy: the embedding lookup
+(the table ships as embed_tokens.npy, memory-mapped), writing image features into the
+image-token slots, the family's position ids; runtime/segmented.py drives the decoder's
+graphs (segments, decision heads, routing graphs: each weight in one session) and keeps
+the fixed per-layer KV buffers, allocated once per run and written in place.
 
 Threads: ONNX Runtime's default intra-op pool, or REROUTE_EXPORT_THREADS if set.
 """
@@ -32,6 +31,7 @@ from ..plan import RoutingPlan
 from ..families import get_family
 from ..results import TraceResult
 from .base import State
+from .segmented import Cache, Decoder, Layout
 from .positions import next_position
 from .processor import ArtifactProcessor
 
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     Inputs = ArrayInputs | VLInputs
 
 THREADS_ENV = "REROUTE_EXPORT_THREADS"
-KV = list[tuple[np.ndarray, np.ndarray]]  # per layer: key, value (1, nkv, T_i, hd)
 
 _ELEMENT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -151,7 +150,20 @@ class OrtArtifact:
         self.host = get_family(self.family)  # the family's host-side rules (positions, grid)
         self.preprocessor = preprocessor
         self.embed_tokens = embed_tokens  # (V, D), memory-mapped
-        self._vision, self._prefill, self._decode = graphs["vision"], graphs["prefill"], graphs["decode"]
+        self.graphs = graphs  # role -> session: vision, segment.s, head.j, route.j
+        self._vision = graphs["vision"]
+        first = graphs[C.segment(0)]
+        self.embed_dtype = first.dtype(C.HIDDEN)
+        kv_types = {}
+        for s in range(len(self.plan.segments)):
+            kv_types.update({i: graphs[C.segment(s)].dtype(C.past(i, "key")) for i in self.plan.segments[s]})
+        self.layout = Layout(self.plan, list(manifest["shapes"]["cache_tokens"]), int(manifest["shapes"]["num_kv_heads"]),
+                             int(manifest["shapes"]["head_dim"]), [kv_types[i] for i in range(self.plan.num_layers)],
+                             self.host.position_dims)
+        self.decoder = Decoder(self.layout, self._call)
+
+    def _call(self, role: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.graphs[role](feeds)
 
     @classmethod
     def load(cls, folder: Path, providers: list[str] | None = None, *, verify: bool = True) -> "OrtArtifact":
@@ -160,10 +172,11 @@ class OrtArtifact:
         lacking = [k for k in MANIFEST_KEYS if k not in manifest]
         if lacking:
             raise UserError(f"artifact {folder}: manifest lacks {', '.join(lacking)}; re-export it")
-        names = {"vision": C.VISION, "prefill": C.PREFILL, "decode": C.DECODE, **manifest.get("graphs", {})}
+        if "decoder" not in manifest or C.segment(0) not in manifest.get("graphs", {}):
+            raise UserError(f"artifact {folder} has no segment graphs (an earlier layout); re-export it")
         providers = providers or default_providers()
-        graphs = {role: Graph(folder / names[role], providers, spin=role == "decode")
-                  for role in ("vision", "prefill", "decode")}
+        graphs = {role: Graph(folder / name, providers, spin=role != "vision")
+                  for role, name in manifest["graphs"].items()}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
         return cls(folder, manifest, graphs, embed, pre)
@@ -228,7 +241,7 @@ class OrtArtifact:
 
     def _embeds(self, c: _Checked, pixel_values: Any) -> np.ndarray:
         """(1, L, D) token embeddings with the vision graph's features in the image slots."""
-        dtype = self._prefill.dtype(C.INPUTS_EMBEDS)
+        dtype = self.embed_dtype
         feats = self.run_vision(pixel_values)  # (N, D)
         embeds = self.embed_tokens[c.ids].astype(dtype)  # (L, D): fancy indexing copies from the mmap
         n = self.plan.visual_tokens
@@ -252,13 +265,14 @@ class OrtArtifact:
         }
 
     def run_prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The routed prefill graph on prepared feeds: last logits (V,), per-layer KV,
+        """The routed prefill on prepared feeds: last logits (V,), the filled KV buffers,
         decisions, next position."""
-        out = self._prefill(feeds)
+        logits, cache, decisions = self.decoder.prefill(feeds[C.INPUTS_EMBEDS], feeds[C.POSITION_IDS],
+                                                        int(feeds[C.VISUAL_START][0]))
         return {
-            "logits": out[C.LOGITS].reshape(-1).astype(np.float32),  # (V,)
-            "kv": self._kv(out),
-            "decisions": [out[C.selected(s)].reshape(-1).astype(np.int64) for s in range(len(self.plan.stages))],
+            "logits": logits.reshape(-1).astype(np.float32),  # (V,)
+            "kv": cache,
+            "decisions": [d.reshape(-1).astype(np.int64) for d in decisions],
             "next_position": next_position(feeds[C.POSITION_IDS]),
         }
 
@@ -266,23 +280,14 @@ class OrtArtifact:
         """Vision + routed prefill: last logits (V,), per-layer KV, decisions, next position."""
         return self.run_prefill(self.prefill_feeds(inputs))
 
-    def _kv(self, out: dict[str, np.ndarray]) -> KV:
-        return [(out[C.present(i, "key")], out[C.present(i, "value")]) for i in range(self.plan.num_layers)]
-
     # ------------------------------------------------------------ decoding
 
-    def decode_step(self, token: int, position: int, kv: KV) -> tuple[np.ndarray, KV]:
-        """One token at `position` against every layer's cache: logits (V,) and the caches + 1."""
-        rows = self.host.position_dims
-        dims = (1, 1) if rows == 1 else (rows, 1, 1)  # mRoPE: the same id in all 3 rows
-        feeds = {
-            C.INPUTS_EMBEDS: np.asarray(self.embed_tokens[token])[None, None, :],  # (1, 1, D)
-            C.POSITION_IDS: np.full(dims, position, dtype=np.int64),
-        }
-        for i, (k, v) in enumerate(kv):
-            feeds[C.past(i, "key")], feeds[C.past(i, "value")] = k, v  # (1, nkv, P_i, hd)
-        out = self._decode(feeds)
-        return out[C.LOGITS].reshape(-1).astype(np.float32), self._kv(out)
+    def decode_step(self, token: int, position: int, kv: Cache) -> tuple[np.ndarray, Cache]:
+        """One token at `position` (all three mRoPE rows alike) against the KV buffers, which
+        it extends in place by one row: logits (V,) and the same cache."""
+        embed = np.asarray(self.embed_tokens[token], dtype=self.embed_dtype)[None, None, :]  # (1, 1, D)
+        logits = self.decoder.decode(embed, position, kv)
+        return logits.reshape(-1).astype(np.float32), kv
 
     def generate(
         self, inputs: Inputs, max_new_tokens: int, eos_token_id: int | None = None
@@ -315,21 +320,24 @@ class OrtArtifact:
 
     @property
     def providers(self) -> list[str]:
-        """The execution providers ONNX Runtime placed the prefill graph on."""
-        return self._prefill.session.get_providers()
+        """The execution providers ONNX Runtime placed the first segment on."""
+        return self.graphs[C.segment(0)].session.get_providers()
 
     @contextmanager
     def recording(self, role: str) -> Iterator[list[dict[str, np.ndarray]]]:
-        """Every feed dict the `role` graph ("vision", "prefill", "decode") receives inside the
-        block, cast to its declared input types: what calibration observes."""
-        attr = f"_{role}"
-        graph = getattr(self, attr)
+        """Every feed dict the `role` graph ("vision", "segment.0", "head.1", ...) receives
+        inside the block, cast to its declared input types: what calibration observes."""
+        graph = self.graphs[role]
         sink: list[dict[str, np.ndarray]] = []
-        setattr(self, attr, _Recorder(graph, sink))
+        self.graphs[role] = _Recorder(graph, sink)
+        if role == "vision":
+            self._vision = self.graphs[role]
         try:
             yield sink
         finally:
-            setattr(self, attr, graph)
+            self.graphs[role] = graph
+            if role == "vision":
+                self._vision = graph
 
     def close(self) -> None:
         """Nothing to release early: the sessions go with the object."""
