@@ -134,6 +134,7 @@ def export(
     target: str = "onnx",
     precision: str = "fp32",
     fp32_layers: str | Sequence[int] | None = None,
+    image_buckets: str | Sequence[tuple[int, int]] | None = None,
     image: Image | None = None,
     prompt: str | None = None,
     inputs: Inputs | None = None,
@@ -157,7 +158,9 @@ def export(
     stream_weights: None reads the checkpoint tensor by tensor only when loading it would
     not fit in half the free memory (and says so through `log`); True always, False never.
     target "trt" also writes the TensorRT build plan and, where TensorRT and a GPU are
-    here, builds the engines (`result.engines_built`). Returns the written manifest and
+    here, builds the engines (`result.engines_built`). image_buckets (Qwen2.5-VL): more
+    image sizes the artifact answers, "HxW,HxW" in pixels or (H, W) pairs; each gets its own
+    vision and routing graphs (the same schedule at its N), the decoder segments are shared. Returns the written manifest and
     the post-export check's failures (`result.check_failures`: empty when it passed).
     """
     from .pipeline import export_artifact
@@ -171,7 +174,7 @@ def export(
     routing = make_plan(loaded.spec, method, budget=budget, schedule=schedule, drop_layers=drop_layers,
                         keep_ratios=keep_ratios, keep=keep)
     opts = _options(loaded, precision, fp32_layers, max_prompt_tokens, max_new_tokens, inline_functions, force,
-                    check, progress, target, device, plugin_lib)
+                    check, progress, target, device, plugin_lib, image_buckets)
     prompt_tokens = int(sample.input_ids.shape[1])
     if max_prompt_tokens is not None and max_prompt_tokens < prompt_tokens:
         raise UserError(f"--max-prompt-tokens {max_prompt_tokens} is shorter than the sample prompt "
@@ -257,13 +260,29 @@ def _export_sample(loaded: Loaded, image: Image | None, prompt: str | None, inpu
 
 def _options(loaded: Loaded, precision: str, fp32_layers: str | Sequence[int] | None, max_prompt_tokens: int | None,
              max_new_tokens: int, inline_functions: bool, force: bool, check: bool, progress: bool, target: str,
-             device: str, plugin_lib: str | None) -> ExportOptions:
+             device: str, plugin_lib: str | None, image_buckets: Any = None) -> ExportOptions:
     from .pipeline import ExportOptions
 
     return ExportOptions(precision=precision, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                          inline_functions=inline_functions, force=force, check=check, quiet=not progress,
                          target=target, device=device, plugin_lib=plugin_lib,
-                         fp32_layers=_fp32_layers(fp32_layers, precision, loaded.spec.text.num_layers))
+                         fp32_layers=_fp32_layers(fp32_layers, precision, loaded.spec.text.num_layers),
+                         image_buckets=_image_buckets(image_buckets))
+
+
+def _image_buckets(given: str | Sequence[tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:
+    """'448x448,336x672' or [(448, 448), ...] -> ((H, W), ...) in pixels."""
+    if not given:
+        return ()
+    if not isinstance(given, str):
+        return tuple((int(h), int(w)) for h, w in given)
+    out = []
+    for part in (p.strip() for p in given.split(",") if p.strip()):
+        h, x, w = part.lower().partition("x")
+        if not x or not h.isdigit() or not w.isdigit():
+            raise UserError(f"--image-buckets: {part!r} is not HEIGHTxWIDTH in pixels (e.g. 448x672)")
+        out.append((int(h), int(w)))
+    return tuple(out)
 
 
 def _fp32_layers(layers: str | Sequence[int] | None, precision: str, num_layers: int) -> tuple[int, ...]:

@@ -326,6 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("--output DIR is required")
     result = api.export(
         args.model, output=args.output, target=args.target, precision=args.precision, fp32_layers=args.fp32_layers,
+        image_buckets=args.image_buckets,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
         inline_functions=args.inline_functions, random_weights=args.random_weights,
         stream_weights=True if args.stream_weights else None, device=args.device, plugin_lib=args.plugin_lib,
@@ -550,6 +551,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     g.add_argument("--fp32-layers", metavar="RANGE",
                    help="fp16 exports: keep these decoder layers in fp32, e.g. 28-31 or 28- (fp16 overflow fallback)")
+    g.add_argument("--image-buckets", metavar="HxW,...",
+                   help="qwen2.5-vl: more image sizes in pixels (multiples of 28), e.g. 448x448,336x672; each image "
+                        "is resized to the nearest; LLaVA takes one size")
     g.add_argument("--max-prompt-tokens", type=int, help="longest prompt the artifact takes (default N + 512)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--inline-functions", action="store_true", help="write reroute ops expanded into standard ops")

@@ -4,35 +4,37 @@ export, runtime, build and checks (the bottom layer: it imports nothing of ours)
 An artifact folder holds:
 
     manifest.json          model, family, plan (and the spec it was planned on), shapes, precision,
-                           opset, versions, sha256 of every file
+                           opset, versions, graphs (role -> file), decoder (segments, KV buffer
+                           lengths), sha256 of every file
     vision.onnx            pixel_values -> image_features (N, D)
-    prefill.onnx           routed prefill: logits, per-layer KV (stage-specific lengths), decisions
-    decode.onnx            one token against per-layer KV caches
+    segment_{s}.onnx       layers [b_s, b_{s+1}) of stage s, run by prefill (compact rows) and
+                           decode (one row) alike: each decoder weight is in exactly one segment
+                           or head graph (rewrite/segments.py)
+    head_{j}.onnx          decision j's layer: input_layernorm + q/k/v projections
+    route_{j}.onnx         decision j's routing, no weights: score, SelectVisual, RouteGather
     embed_tokens.npy       (V, D) token embedding table, in the graphs' precision
     preprocessor/          tokenizer + image processor files (Preprocessor.save_pretrained)
     *.onnx.data            external weights, when a graph's weights pass 2 GB
-    weights.data           streamed exports (--random-weights): every graph's external weights,
-                           each shared weight stored once (prefill and decode point at the same bytes)
+    weights.data           streamed exports (--random-weights): every graph's external weights
 
-Batch is 1 in every graph (edge deployment). Text length is a dynamic axis of the
-prefill graph, bounded by shapes.max_prompt_tokens; N and every K_s are static.
+Batch is 1 in every graph (edge deployment). N and every K_j are constants of the routing
+graphs; row counts (text length, 1 in decode) and past-buffer lengths are free axes.
 
-prefill inputs
-    inputs_embeds  float (1, L, D)     token embeddings with image features in the image slots
-    position_ids   int64 (1, L) 1-D RoPE, or (3, 1, L) Qwen2.5-VL mRoPE (the unpruned model's)
-    visual_start   int64 (1,)          index of the first of N contiguous image tokens
-prefill outputs
-    logits                 float32 (1, V)   last prompt position
-    present.{i}.key/value  (1, nkv, L - N + K_i, hd) per layer i
-    selected.{s}           int64 (1, K_s)   ascending original visual indices after decision s
+segment.s inputs
+    hidden                 float (1, T, D)    rows entering the segment (embeddings for s = 0)
+    query/key/value        (1, T, nh*hd) / (1, T, nkv*hd)   s >= 1: the first layer's, from head.(s-1)
+    position_ids           int64 (1, T) 1-D RoPE, or (3, 1, T) Qwen2.5-VL mRoPE (the unpruned model's)
+    past_length            int64 (1,)         valid rows of the buffers
+    past.{i}.key/value     (1, nkv, P, hd)    layer i's fixed buffer (P = M_s in decode, a 1-row dummy in prefill)
+segment.s outputs
+    hidden_out             (1, T, D)          (the last segment: logits float32 (1, V) of the last row)
+    new.{i}.key/value      (1, nkv, T, hd)    the rows' roped K and V, written by the host at past_length
 
-decode inputs
-    inputs_embeds  float (1, 1, D)
-    position_ids   int64 (1, 1) or (3, 1, 1)
-    past.{i}.key/value     (1, nkv, P_i, hd)
-decode outputs
-    logits                 float32 (1, V)
-    present.{i}.key/value  (1, nkv, P_i + 1, hd)
+head.j: hidden (1, T, D) -> query, key, value (pre-rope)
+route.j inputs: hidden, query, key, value (1, Tx, .), position_ids, visual_start int64 (1,),
+    candidates int64 (1, m) (delete methods after their first decision: the survivors' indices)
+route.j outputs: selected.j int64 (1, K_j) ascending original visual indices, kept int64 (1, T')
+    (rows of the inputs kept), kept.hidden / kept.query / kept.key / kept.value / kept.position_ids
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ FORMAT = "reroute-export/1"  # bump when graph I/O changes; the loader refuses o
 
 MANIFEST = "manifest.json"
 VISION = "vision.onnx"
-PREFILL = "prefill.onnx"
-DECODE = "decode.onnx"
 EMBEDDINGS = "embed_tokens.npy"
 PREPROCESSOR = "preprocessor"
 

@@ -25,6 +25,7 @@ from .check.loop import compare_runtimes
 from .check.tolerances import tolerances
 from .checkpoint_files import available_bytes
 from .contract import Manifest
+from .errors import UserError
 from .export.artifact import ArtifactWriter
 from .export.decoder import DecoderExample, export_decoder
 from .export.stream import WeightStream, check_streamed, checkpoint_source, is_streamed, random_source
@@ -51,6 +52,7 @@ class ExportOptions:
     device: str = "gpu-trt10"  # a name from data/trt_devices.json (e.g. jetson-orin)
     plugin_lib: str | None = None
     fp32_layers: tuple[int, ...] = ()  # fp16 exports: decoder layers kept in fp32 (overflow fallback)
+    image_buckets: tuple[tuple[int, int], ...] = ()  # Qwen2.5-VL: more image sizes (H, W) in pixels
 
 
 @dataclass
@@ -75,19 +77,46 @@ def example_for(loaded: Loaded, inputs: Any, dtype: torch.dtype) -> DecoderExamp
     positions = loaded.family.positions(loaded.model, inputs)
     ids = inputs.input_ids[0]
     start = (ids == loaded.family.image_token_id(loaded.model)).nonzero()[0]  # (1,)
-    return DecoderExample(embeds, positions, start)
+    return DecoderExample(embeds, positions, start, int((ids == loaded.family.image_token_id(loaded.model)).sum()))
 
 
-def shapes(loaded: Loaded, plan: RoutingPlan, opts: ExportOptions) -> dict[str, int]:
+def bucket_plans(loaded: Loaded, plan: RoutingPlan, inputs: Any, opts: ExportOptions) -> list[dict[str, Any]]:
+    """The artifact's image sizes: the sample's (bucket 0, `plan`) and each --image-buckets
+    size with the same schedule at its own N (`RoutingPlan.for_visual_tokens`)."""
+    grid = tuple(int(x) for x in inputs.image_grid_thw[0]) if inputs.image_grid_thw is not None else None
+    if not opts.image_buckets:
+        return [{"grid": grid, "plan": plan}]
+    if grid is None:
+        raise UserError(f"--image-buckets: {loaded.family.name} takes one image size "
+                        f"({loaded.spec.vision.image_size} px); buckets are for Qwen2.5-VL")
+    patch, merge = loaded.preprocessor.image_processor.patch_size, loaded.preprocessor.image_processor.merge_size
+    out = [{"grid": grid, "plan": plan}]
+    for size in opts.image_buckets:
+        loaded.family.check_image_size(loaded.preprocessor, tuple(size))
+        g = (1, size[0] // patch, size[1] // patch)
+        if any(b["grid"] == g for b in out):
+            continue  # the sample's own size, or given twice
+        out.append({"grid": g, "plan": plan.for_visual_tokens(g[1] * g[2] // merge ** 2)})
+    return out
+
+
+def shapes(loaded: Loaded, plan: RoutingPlan, opts: ExportOptions, buckets: list[dict[str, Any]] | None = None
+           ) -> dict[str, Any]:
+    """Graph bounds: the prompt's text budget is the same for every bucket, so the longest
+    prompt (and each segment's KV buffer) is the largest bucket's."""
     t = loaded.spec.text
-    max_prompt = opts.max_prompt_tokens or plan.visual_tokens + 512
+    text = (opts.max_prompt_tokens or plan.visual_tokens + 512) - plan.visual_tokens
+    plans = [b["plan"] for b in buckets] if buckets else [plan]
+    max_prompt = text + max(p.visual_tokens for p in plans)
+    cache = [max(col) for col in zip(*(p.cache_tokens(text + p.visual_tokens, opts.max_new_tokens) for p in plans))]
     return {
         "max_prompt_tokens": max_prompt, "max_new_tokens": opts.max_new_tokens,
         "visual_tokens": plan.visual_tokens, "hidden_size": t.hidden_size, "num_layers": t.num_layers,
         "num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim,
         "vocab_size": int(loaded.model.get_input_embeddings().num_embeddings),
         "kv_cache_lengths": [k - plan.visual_tokens for k in plan.keep_per_layer()],  # + prompt length
-        "cache_tokens": plan.cache_tokens(max_prompt, opts.max_new_tokens),  # each segment's fixed KV buffer
+        "cache_tokens": cache,  # each segment's fixed KV buffer
+        "max_text_tokens": text,
     }
 
 
@@ -110,18 +139,27 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
     if opts.fp32_layers and dtype != torch.float32:
         keep_layers_fp32(model, loaded.family, opts.fp32_layers)
     stream = _stream_for(loaded, model, steps)
-    grid = tuple(int(x) for x in inputs.image_grid_thw[0]) if inputs.image_grid_thw is not None else None
-    sh = shapes(loaded, plan, opts)
-    with steps.step("vision graph"):
+    buckets = bucket_plans(loaded, plan, inputs, opts)
+    grid = buckets[0]["grid"]
+    sh = shapes(loaded, plan, opts, buckets)
+    with steps.step("vision graph" if len(buckets) == 1 else f"vision graphs ({len(buckets)} image sizes)"):
+        vision_files = {C.vision(): C.VISION}
         export_vision(model, loaded.family, folder / C.VISION, example_pixel_values=inputs.pixel_values.to(dtype),
                       image_grid_thw=grid, dtype=dtype, stream=stream)
+        for k, b in enumerate(buckets[1:], start=1):
+            g = b["grid"]
+            pixels = torch.zeros(g[1] * g[2], inputs.pixel_values.shape[1], dtype=dtype)  # patches x features
+            vision_files[C.vision(k)] = C.file_of(C.vision(k))
+            export_vision(model, loaded.family, folder / vision_files[C.vision(k)], example_pixel_values=pixels,
+                          image_grid_thw=g, dtype=dtype, stream=stream)
     example = example_for(loaded, inputs, dtype)
-    roles = 3 * len(plan.stages) + 1
+    extra = [(k, b["plan"]) for k, b in enumerate(buckets[1:], start=1)]
+    roles = 3 * len(plan.stages) + 1 + len(plan.stages) * len(extra)
     with steps.step(f"decoder graphs: {len(plan.stages) + 1} segments, {len(plan.stages)} heads, "
-                    f"{len(plan.stages)} routing graphs"):
+                    f"{len(plan.stages) * len(buckets)} routing graphs"):
         decoder_files = export_decoder(model, loaded.family, plan, example, sh["max_prompt_tokens"],
-                                       sh["max_new_tokens"], folder, inline=opts.inline_functions, stream=stream,
-                                       on_graph=lambda role: steps.note(f"{role} ({roles} graphs)"))
+                                       sh["cache_tokens"], folder, inline=opts.inline_functions, stream=stream,
+                                       on_graph=lambda role: steps.note(f"{role} ({roles} graphs)"), buckets=extra)
     with steps.step("embeddings and preprocessor"):
         if stream is not None:
             embed = model.get_input_embeddings().weight
@@ -129,7 +167,8 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
         else:
             table = model.get_input_embeddings().weight.detach().to(dtype).numpy()  # (V, D)
             np.save(folder / C.EMBEDDINGS, table)
-        loaded.preprocessor.save_pretrained(folder / C.PREPROCESSOR)
+        loaded.preprocessor.save_pretrained(folder / C.PREPROCESSOR,
+                                            buckets=[_pixels(loaded, b["grid"]) for b in buckets[1:]])
     vision_cfg = getattr(loaded.model.config, "vision_config", None)
     return {
         "model": loaded.spec.name, "model_source": loaded.source, "family": loaded.family.name, "plan": plan.to_dict(),
@@ -138,14 +177,22 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
         "precision": opts.precision, "opset": C.OPSET, "ir_version": C.IR_VERSION,
         "inline_functions": opts.inline_functions, "shapes": sh,
         "fp32_layers": list(opts.fp32_layers) if opts.precision != "fp32" else [],
-        "graphs": {"vision": C.VISION, **decoder_files},
+        "graphs": {**vision_files, **decoder_files},
         "decoder": {"segments": [[r.start, r.stop] for r in plan.segments], "cache_tokens": sh["cache_tokens"]},
         "image_grid_thw": list(grid) if grid else None,
+        "buckets": [{"grid": list(b["grid"]), "image_size": _pixels(loaded, b["grid"]), "plan": b["plan"].to_dict(),
+                     "max_prompt_tokens": sh["max_text_tokens"] + b["plan"].visual_tokens}
+                    for b in buckets] if len(buckets) > 1 else [],
         "spatial_merge_size": getattr(vision_cfg, "spatial_merge_size", None),
         "image_token_id": loaded.family.image_token_id(loaded.model),
         "eos_token_id": getattr(loaded.preprocessor.tokenizer, "eos_token_id", None),
         "versions": versions(), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }, stream
+
+
+def _pixels(loaded: Loaded, grid: tuple[int, int, int]) -> list[int]:
+    patch = loaded.preprocessor.image_processor.patch_size
+    return [grid[1] * patch, grid[2] * patch]
 
 
 def _stream_for(loaded: Loaded, model: torch.nn.Module, steps: Steps) -> WeightStream | None:

@@ -74,6 +74,13 @@ class RoutingPlan:
         rows = [max_prompt_tokens] + [max_prompt_tokens - self.visual_tokens + s.keep for s in self.stages]
         return [r + max_new_tokens for r in rows]
 
+    def for_visual_tokens(self, n: int) -> "RoutingPlan":
+        """The same schedule (method, decision layers, keep ratios) for an image of n visual
+        tokens: K_j = keep_count(n, ratio_j), as `--keep-ratios` gives at that size (a
+        Qwen2.5-VL visual-token bucket)."""
+        stages = tuple(Stage(s.layer, keep_count(n, s.ratio), s.ratio) for s in self.stages)
+        return RoutingPlan(self.method, self.num_layers, n, stages)
+
     def describe(self) -> str:
         if not self.stages:
             return f"{self.method} (all {self.visual_tokens} visual tokens)"

@@ -230,8 +230,9 @@ class Preprocessor:
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write tokenizer + image processor in HF formats, plus our grid settings."""
+    def save_pretrained(self, directory: str | Path, buckets: list[list[int]] | None = None) -> None:
+        """Write tokenizer + image processor in HF formats, plus our grid settings (`buckets`:
+        an artifact's further fixed image sizes (H, W), Qwen2.5-VL)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
@@ -239,6 +240,7 @@ class Preprocessor:
         settings = {
             "family": self.family.name,
             "image_size": list(self.image_size) if self.image_size else None,
+            "image_buckets": [list(self.image_size), *buckets] if buckets and self.image_size else [],
             "patch_size": self.patch_size,
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
         }

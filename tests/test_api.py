@@ -44,7 +44,7 @@ def one_liner(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 def test_one_liner_exports_and_generates(one_liner) -> None:
     out, done = one_liner
-    assert (out / "manifest.json").is_file() and (out / "prefill.onnx").is_file()
+    assert (out / "manifest.json").is_file() and (out / "segment_0.onnx").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == "tiny-llava" and manifest["check"]["passed"]  # post-export check ran, passed
     assert done.stdout.strip(), "the generated text is printed"

@@ -98,10 +98,10 @@ def test_prompt_longer_than_the_artifact_is_refused(tmp_path, capsys) -> None:
 
 
 def test_artifact_with_a_missing_file(art_copy, capsys) -> None:
-    (art_copy / C.DECODE).unlink()
+    (art_copy / C.file_of(C.segment(1))).unlink()
     before = tree(art_copy)
     err = one_line_error(capsys, ["generate", "--artifact", art_copy, "--image", IMAGE, "--prompt", PROMPT])
-    assert f"{C.DECODE} is missing" in err
+    assert f"{C.file_of(C.segment(1))} is missing" in err
     assert tree(art_copy) == before
 
 
@@ -265,7 +265,7 @@ def test_eager_trace_past_the_model_positions_is_refused(capsys) -> None:
 @pytest.mark.parametrize("damage,message", [
     ("no manifest", "manifest.json is missing"),
     ("broken manifest", "manifest.json is unreadable"),
-    ("changed byte", f"{C.DECODE} checksum mismatch"),
+    ("changed byte", f"{C.file_of(C.segment(1))} checksum mismatch"),
 ])
 def test_lint_refuses_what_every_other_command_refuses(damage, message, art_copy, capsys) -> None:
     if damage == "no manifest":
@@ -273,7 +273,7 @@ def test_lint_refuses_what_every_other_command_refuses(damage, message, art_copy
     elif damage == "broken manifest":
         (art_copy / C.MANIFEST).write_text('{"format": "reroute-export/')
     else:
-        with open(art_copy / C.DECODE, "r+b") as f:
+        with open(art_copy / C.file_of(C.segment(1)), "r+b") as f:
             f.seek(200)
             byte = f.read(1)
             f.seek(200)

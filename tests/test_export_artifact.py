@@ -89,22 +89,23 @@ def test_checkpoint_folder_exports_and_matches(family: str, tmp_path) -> None:
 def test_artifact_folder_contents_and_graph_checks() -> None:
     folder = tiny_artifact("llava")
     manifest = read_manifest(folder)  # verifies every sha256
-    for name in (C.VISION, C.PREFILL, C.DECODE, C.EMBEDDINGS, f"{C.PREPROCESSOR}/tokenizer.json"):
+    graphs = list(manifest["graphs"].values())
+    assert len(graphs) == 1 + 5 + 4 + 4  # vision, 5 segments, 4 heads, 4 routing graphs
+    for name in (*graphs, C.EMBEDDINGS, f"{C.PREPROCESSOR}/tokenizer.json"):
         assert name in manifest["files"], name
     assert manifest["opset"] <= 18 and manifest["ir_version"] == C.IR_VERSION
     assert manifest["plan"]["stages"] and manifest["shapes"]["visual_tokens"] == 64
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(manifest["versions"])
     assert manifest["check"]["passed"] and manifest["check"]["metrics"]["decision_exact"] == 1.0
-    for graph in (C.VISION, C.PREFILL, C.DECODE):
+    for graph in graphs:
         proto = onnx.load(folder / graph)
         onnx.checker.check_model(proto, full_check=True)
         assert proto.ir_version == C.IR_VERSION
         names = [n.name for n in proto.graph.node]
         assert len(set(names)) == len(names)  # deterministic, unique node names
-    prefill = onnx.load(folder / C.PREFILL)
-    assert {n.op_type for n in prefill.graph.node if n.domain == DOMAIN} == {"SelectVisual", "RouteGather",
-                                                                             "RouteScatter"}
-    assert {f.name for f in prefill.functions if f.domain == DOMAIN} == {"SelectVisual", "RouteGather", "RouteScatter"}
+    route = onnx.load(folder / C.file_of(C.route(0)))
+    assert {n.op_type for n in route.graph.node if n.domain == DOMAIN} == {"SelectVisual", "RouteGather"}
+    assert {f.name for f in route.functions if f.domain == DOMAIN} == {"SelectVisual", "RouteGather"}
 
 
 def test_export_is_deterministic(tmp_path) -> None:
@@ -113,15 +114,18 @@ def test_export_is_deterministic(tmp_path) -> None:
     out = tmp_path / "again"
     assert main(["export", "--model", "tiny-llava", "--method", "fastv", "--budget", "32", "--output", str(out),
                  "--max-new-tokens", "32", "--max-prompt-tokens", "160", "--no-check", "--quiet"]) == 0
-    for graph in (C.VISION, C.PREFILL, C.DECODE):
+    graphs = read_manifest(a)["graphs"].values()
+    assert read_manifest(out)["graphs"] == read_manifest(a)["graphs"]
+    for graph in graphs:
         assert (out / graph).read_bytes() == (a / graph).read_bytes(), graph
 
 
 def test_inlined_artifact_runs_the_same(tmp_path) -> None:
     art = tiny_artifact("qwen2.5-vl", inline=True)
-    prefill = onnx.load(art / C.PREFILL)
-    assert not [n for n in prefill.graph.node if n.domain == DOMAIN] and not prefill.functions
-    onnx.checker.check_model(prefill, full_check=True)
+    for name in read_manifest(art)["graphs"].values():
+        proto = onnx.load(art / name)
+        assert not [n for n in proto.graph.node if n.domain == DOMAIN] and not proto.functions
+        onnx.checker.check_model(proto, full_check=True)
     ref = trace_json(tmp_path, "ref", "--artifact", tiny_artifact("qwen2.5-vl"), "--image", IMAGE, "--prompt", PROMPT)
     got = trace_json(tmp_path, "art", "--artifact", art, "--image", IMAGE, "--prompt", PROMPT)
     assert got["decisions"] == ref["decisions"] and got["generated_ids"] == ref["generated_ids"]
@@ -130,7 +134,7 @@ def test_inlined_artifact_runs_the_same(tmp_path) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp16_artifact_agrees_with_fp32_reference(family: str, tmp_path) -> None:
     art = tiny_artifact(family, precision="fp16")
-    for graph in (C.VISION, C.PREFILL, C.DECODE):
+    for graph in read_manifest(art)["graphs"].values():
         onnx.checker.check_model(onnx.load(art / graph), full_check=True)
     out = tmp_path / "parity.json"
     assert main(["parity", "--artifact", str(art), "--json", str(out), "--quiet"]) == 0
@@ -160,9 +164,9 @@ def test_plan_flags_must_match_the_artifact(capsys, tmp_path) -> None:
     assert code == 2 and "exported for reroute keeping" in err and len(err.strip().splitlines()) == 1
 
 
-def tampered(tmp_path: Path, edit) -> Path:
-    """A copy of the fp32 artifact with `edit(prefill ModelProto)` applied and the manifest's
-    checksums rewritten, as a broken exporter would leave it (not a corrupted copy)."""
+def tampered(tmp_path: Path, edit, role: str) -> Path:
+    """A copy of the fp32 artifact with `edit(ModelProto)` applied to the graph of `role` and the
+    manifest's checksums rewritten, as a broken exporter would leave it (not a corrupted copy)."""
     from reroute_export.export.artifact import ArtifactWriter
 
     src = tiny_artifact("llava")
@@ -170,9 +174,9 @@ def tampered(tmp_path: Path, edit) -> Path:
     with ArtifactWriter(out) as w:
         shutil.rmtree(w.path)
         shutil.copytree(src, w.path)
-        proto = onnx.load(w.path / C.PREFILL)
+        proto = onnx.load(w.path / C.file_of(role))
         edit(proto)
-        onnx.save(proto, w.path / C.PREFILL)
+        onnx.save(proto, w.path / C.file_of(role))
         w.write_manifest(json.loads((src / C.MANIFEST).read_text()))
     return out
 
@@ -181,12 +185,12 @@ def test_parity_fails_on_a_perturbed_weight(tmp_path, capsys) -> None:
     def perturb(proto) -> None:
         from onnx import numpy_helper
 
-        init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)) if "layers.2" in t.name else 0)
+        init = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)) if "layers.3." in t.name else 0)
         w = numpy_helper.to_array(init).copy()
         w.flat[: w.size // 4] += 0.5
         init.CopyFrom(numpy_helper.from_array(w, init.name))
 
-    art = tampered(tmp_path, perturb)
+    art = tampered(tmp_path, perturb, C.segment(2))  # layers 3-4
     code = main(["parity", "--artifact", str(art), "--markdown", str(tmp_path / "report.md")])
     out = capsys.readouterr().out
     assert code == 1
@@ -196,20 +200,20 @@ def test_parity_fails_on_a_perturbed_weight(tmp_path, capsys) -> None:
 
 
 def test_parity_fails_on_a_changed_k(tmp_path, capsys) -> None:
-    """K is baked into the static shapes after each decision: a K edited in one node makes
-    the prefill graph inconsistent. parity reports it as a failed check naming the graph
-    and node (exit 1), not a crash."""
+    """K is baked into the routing graph's static shapes: a K edited in one node makes the
+    routing graph inconsistent. parity reports it as a failed check naming the graph and
+    node (exit 1), not a crash."""
     def change_k(proto) -> None:
         node = next(n for n in proto.graph.node if n.op_type == "SelectVisual")
         attr = next(a for a in node.attribute if a.name == "k")
         attr.ints[0] -= 3
 
-    art = tampered(tmp_path, change_k)
+    art = tampered(tmp_path, change_k, C.route(1))
     code = main(["parity", "--artifact", str(art), "--json", str(tmp_path / "p.json")])
     out = capsys.readouterr().out
     assert code == 1 and "FAILED" in out
     report = json.loads((tmp_path / "p.json").read_text())
-    assert report["failures"] and all("prefill.onnx failed in ONNX Runtime" in f and "node" in f
+    assert report["failures"] and all("route_1.onnx failed in ONNX Runtime" in f and "node" in f
                                       for f in report["failures"]), report["failures"]
 
 

@@ -46,7 +46,9 @@ def test_fp16_overflow_is_named_and_fp32_layers_fix_it(tmp_path) -> None:
     fixed = export_artifact(loaded, plan, inputs, tmp_path / "mixed", replace(opts, fp32_layers=(HOT,)))
     assert fixed.manifest["check"]["passed"], fixed.check_failures
     assert fixed.manifest["fp32_layers"] == [HOT]
-    decode = onnx.load(tmp_path / "mixed" / C.DECODE)
-    types = {i.name: i.type.tensor_type.elem_type for i in decode.graph.input}
+    types = {}  # every segment's past-buffer element types (each layer's buffers are one segment's)
+    for s in range(len(plan.segments)):
+        proto = onnx.load(tmp_path / "mixed" / C.file_of(C.segment(s)))
+        types.update({i.name: i.type.tensor_type.elem_type for i in proto.graph.input})
     assert types[C.past(HOT, "key")] == onnx.TensorProto.FLOAT
     assert types[C.past(HOT + 1, "key")] == onnx.TensorProto.FLOAT16

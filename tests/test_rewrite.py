@@ -1,8 +1,9 @@
-"""Static-shape rewrites and the decoder ONNX graphs against the eager engine."""
+"""The deployable decoder's modules and ONNX graphs against the eager engine."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 import onnx
@@ -12,11 +13,13 @@ import torch
 
 from conftest import FAMILIES, sample_inputs, tiny, tiny_artifact
 from reroute_export import contract as C
-from reroute_export.export.decoder import DecoderExample, decode_example
+from reroute_export.export.artifact import read_manifest
+from reroute_export.export.decoder import DecoderExample
 from reroute_export.export.onnx_ops import DOMAIN, inline_functions
 from reroute_export.plan import make_plan
-from reroute_export.rewrite.decoder import static_decode, static_prefill
 from reroute_export.routing import RoutedModel, generate
+from reroute_export.runtime import OrtArtifact
+from reroute_export.runtime.torch_static import TorchStaticRuntime
 
 METHODS = ["none", "fastv", "pdrop", "reroute"]
 
@@ -34,34 +37,36 @@ def example(family: str) -> DecoderExample:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_static_prefill_and_decode_equal_the_engine(family: str, method: str) -> None:
+def test_segment_modules_equal_the_engine(family: str, method: str) -> None:
+    """Segments, heads and routing graphs (the modules export traces) driven by the runtime's
+    flow with fixed KV buffers give the engine's decisions, logits, tokens and caches."""
     m, inputs, plan = tiny(family), sample_inputs(family), plan_for(family, method)
-    ex = example(family)
-    pre, ids = generate(RoutedModel(m.model, m.family, plan), inputs, 4)
-    with torch.no_grad():
-        out = static_prefill(m.model, m.family, plan)(ex.inputs_embeds, ex.position_ids, ex.visual_start)
-    n_kv = 2 * plan.num_layers
-    assert [d.tolist() for d in out[1 + n_kv:]] == [d.tolist() for d in pre.decisions]
-    torch.testing.assert_close(out[0], pre.logits, atol=1e-6, rtol=0)
-    # decode with the static module reproduces the engine's greedy tokens
-    past, token, pos = list(out[1:1 + n_kv]), out[0].argmax(-1), pre.next_position.clone()
-    dec = static_decode(m.model, m.family, plan)
-    got = [int(token)]
-    for _ in range(3):
-        p = pos.view(1, 1) if m.family.position_dims == 1 else pos.view(1, 1, 1).expand(3, 1, 1)
-        with torch.no_grad():
-            res = dec(m.family.decoder(m.model).embed_tokens(token.view(1, 1)), p, *past)
-        past, token, pos = list(res[1:]), res[0].argmax(-1), pos + 1
-        got.append(int(token))
-    assert got == ids[0].tolist()
+    pre, ids = generate(RoutedModel(m.model, m.family, plan), inputs, 6)
+    cache = RoutedModel(m.model, m.family, plan).prefill(inputs).cache  # before any decode step
+    run = TorchStaticRuntime(m, plan, max_new_tokens=8).bind(inputs)
+    state = run.prefill()
+    assert [d.reshape(-1).tolist() for d in state.decisions] == [d.reshape(-1).tolist() for d in pre.decisions]
+    torch.testing.assert_close(state.logits, pre.logits, atol=1e-5, rtol=0)
+    pairs = state.kv.pairs()  # the valid rows of each layer's fixed buffer
+    assert [k.shape[2] for k, _ in pairs] == cache.lengths()
+    for (k, v), k_ref, v_ref in zip(pairs, cache.keys, cache.values):
+        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=0)
+    buffers = [id(k) for k in state.kv.keys]
+    tokens = [int(state.logits.argmax())]
+    for step in range(5):
+        state = run.decode(state, step)
+        tokens.append(int(state.logits.argmax()))
+    assert tokens == ids[0].tolist()
+    assert [id(k) for k in state.kv.keys] == buffers  # written in place, never reallocated
 
 
 @functools.lru_cache(maxsize=None)
-def exported(family: str, method: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """The graphs export_prefill/export_decode wrote into the shared session artifact
-    (tiny_artifact exports the same plan, budget 32, through the public pipeline)."""
+def exported(family: str, method: str) -> dict[str, onnx.ModelProto]:
+    """Role -> graph of the shared session artifact (tiny_artifact exports the same plan,
+    budget 32, through the public pipeline)."""
     folder = tiny_artifact(family, method)
-    return onnx.load(folder / C.PREFILL), onnx.load(folder / C.DECODE)
+    return {role: onnx.load(folder / name) for role, name in read_manifest(folder)["graphs"].items()}
 
 
 def run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -69,78 +74,111 @@ def run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
-def test_prefill_graph_carries_reroute_ops_with_functions(family_name: str) -> None:
-    prefill, decode = exported(family_name, "reroute")
-    custom = [n for n in prefill.graph.node if n.domain == DOMAIN]
-    assert {n.op_type for n in custom} == {"SelectVisual", "RouteGather", "RouteScatter"}
-    assert {f.name for f in prefill.functions if f.domain == DOMAIN} == {"SelectVisual", "RouteGather", "RouteScatter"}
-    for proto in (prefill, decode):
+def test_graphs_follow_the_contract(family_name: str) -> None:
+    """Routing graphs carry the reroute ops with their functions; every graph passes the
+    full checker at IR 8 / opset <= 18 with no data-dependent ops; I/O names are the contract's."""
+    graphs = exported(family_name, "reroute")
+    plan = plan_for(family_name, "reroute")
+    assert set(graphs) == {"vision", *(C.segment(s) for s in range(5)), *(C.head(j) for j in range(4)),
+                           *(C.route(j) for j in range(4))}
+    for role, proto in graphs.items():
         onnx.checker.check_model(proto, full_check=True)
         assert proto.ir_version == C.IR_VERSION
         assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) <= 18
         ops = {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
-        assert not ops & {"NonZero", "Loop", "If", "Unique"}
-    names = [i.name for i in prefill.graph.input]
-    assert names == [C.INPUTS_EMBEDS, C.POSITION_IDS, C.VISUAL_START]
+        assert not ops & {"NonZero", "Loop", "If", "Unique"}, role
+        if role.startswith("route"):
+            assert {n.op_type for n in proto.graph.node if n.domain == DOMAIN} == {"SelectVisual", "RouteGather"}
+            assert {f.name for f in proto.functions if f.domain == DOMAIN} == {"SelectVisual", "RouteGather"}
+            assert not [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                        and np.prod(t.dims) > 64], "routing graphs hold no weights"
+    for s, layers in enumerate(plan.segments):
+        ins, outs = C.segment_io(layers, s > 0, s == len(plan.segments) - 1)
+        assert [i.name for i in graphs[C.segment(s)].graph.input] == ins
+        assert [o.name for o in graphs[C.segment(s)].graph.output] == outs
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_onnx_prefill_and_decode_match_the_engine(family: str, method: str) -> None:
-    m, inputs, plan = tiny(family), sample_inputs(family), plan_for(family, method)
-    prefill, decode = exported(family, method)
-    ex = example(family)
-    feeds = {C.INPUTS_EMBEDS: ex.inputs_embeds.numpy(), C.POSITION_IDS: ex.position_ids.numpy(),
-             C.VISUAL_START: ex.visual_start.numpy()}
-    out = run(prefill, feeds)
-    pre = RoutedModel(m.model, m.family, plan).prefill(inputs)
-    n_kv = 2 * plan.num_layers
-    assert [o.tolist() for o in out[1 + n_kv:]] == [d.tolist() for d in pre.decisions]
-    diff = np.abs(out[0] - pre.logits.numpy()).max()
-    print(f"{family} {method}: prefill logits max diff {diff:.3g}")
-    assert diff < 1e-4
-    assert [out[1 + 2 * i].shape[2] for i in range(plan.num_layers)] == pre.cache.lengths()
-    # one decode step against the ONNX prefill's KV
-    attn = m.family.decoder(m.model).layers[0].self_attn
-    args = decode_example(plan, ex, attn.config.num_key_value_heads, attn.head_dim)
-    feeds = {C.INPUTS_EMBEDS: args[0].numpy(), C.POSITION_IDS: args[1].numpy()}
-    feeds.update({C.past(i, kind): out[1 + 2 * i + j] for i in range(plan.num_layers)
-                  for j, kind in enumerate(("key", "value"))})
-    step = run(decode, feeds)
-    with torch.no_grad():
-        ref = static_decode(m.model, m.family, plan)(args[0], args[1], *[torch.from_numpy(x) for x in out[1:1 + n_kv]])
-    assert np.abs(step[0] - ref[0].numpy()).max() < 1e-4
-    assert step[1].shape[2] == out[1].shape[2] + 1
+def _digests(array: np.ndarray) -> set[str]:
+    """A weight as stored either way round (the exporter may store a Linear weight transposed)."""
+    out = {hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()}
+    if array.ndim == 2:
+        out.add(hashlib.sha256(np.ascontiguousarray(array.T).tobytes()).hexdigest())
+    return out
 
 
-def test_inlined_graph_runs_the_same() -> None:
-    prefill, _ = exported("llava", "reroute")
-    flat = inline_functions(prefill)
-    assert not [n for n in flat.graph.node if n.domain == DOMAIN] and not flat.functions
-    onnx.checker.check_model(flat, full_check=True)
-    ex = example("llava")
-    feeds = {C.INPUTS_EMBEDS: ex.inputs_embeds.numpy(), C.POSITION_IDS: ex.position_ids.numpy(),
-             C.VISUAL_START: ex.visual_start.numpy()}
-    a, b = run(prefill, feeds), run(flat, feeds)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_each_decoder_weight_is_in_exactly_one_graph(family_name: str) -> None:
+    """Prefill and decode share the segment and head graphs: every decoder matrix is stored in
+    exactly one graph, and the decoder graphs hold nothing else of that size."""
+    m = tiny(family_name)
+    graphs = exported(family_name, "reroute")
+    where: dict[str, list[str]] = {}
+    for role, proto in graphs.items():
+        for t in proto.graph.initializer:
+            if np.prod(t.dims) > 1024:
+                d = hashlib.sha256(np.ascontiguousarray(onnx.numpy_helper.to_array(t)).tobytes()).hexdigest()
+                where.setdefault(d, []).append(role)
+    decoder = m.family.decoder(m.model)
+    mats = [p for layer in decoder.layers for p in layer.parameters() if p.dim() == 2]
+    mats.append(m.family.lm_head(m.model).weight)
+    for p in mats:
+        roles = {r for d in _digests(p.detach().numpy()) for r in where.get(d, [])}
+        assert len(roles) == 1 and not roles & {"vision"}, roles
+        found = [r for d in _digests(p.detach().numpy()) for r in where.get(d, [])]
+        assert len(found) == 1, found  # once, not once per graph that uses it
+
+
+def test_decode_has_one_shape_and_writes_in_place() -> None:
+    """Every decode step feeds each segment the same shapes (T = 1, the fixed buffers) and the
+    same buffer objects; only past_length and the new row change."""
+    art = OrtArtifact.load(tiny_artifact("llava", "reroute"), verify=False)
+    inputs = sample_inputs("llava")
+    with art.recording(C.segment(2)) as feeds:
+        art.generate(inputs, 6)
+    decode = feeds[1:]  # the first call is prefill's
+    assert len(decode) == 5
+    cache = art.shapes["cache_tokens"][2]
+    for f in decode:
+        assert f[C.HIDDEN].shape[1] == 1
+        assert all(f[C.past(i, kind)].shape[2] == cache for i in art.plan.segments[2] for kind in ("key", "value"))
+    assert [int(f[C.PAST_LENGTH][0]) for f in decode] == [decode[0][C.PAST_LENGTH][0] + i for i in range(5)]
+    assert feeds[0][C.past(art.plan.segments[2][0], "key")].shape[2] == 1  # prefill: a one-row dummy
+
+
+def test_inlined_graphs_run_the_same() -> None:
+    graphs = exported("llava", "reroute")
+    art = OrtArtifact.load(tiny_artifact("llava", "reroute"), verify=False)
+    for role in (C.route(0), C.segment(1)):
+        with art.recording(role) as feeds:
+            art.generate(sample_inputs("llava"), 2)
+        flat = inline_functions(graphs[role])
+        assert not [n for n in flat.graph.node if n.domain == DOMAIN] and not flat.functions
+        onnx.checker.check_model(flat, full_check=True)
+        for f in feeds:
+            a, b = run(graphs[role], f), run(flat, f)
+            assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_topk_bounds_and_text_length_is_free() -> None:
-    prefill, _ = exported("llava", "reroute")
-    for f in prefill.functions:
-        for n in f.node:
-            if n.op_type == "TopK":
-                assert {a.name: a.i for a in n.attribute}.get("sorted", 1) == 1
-    ks = [a.ints[0] for n in prefill.graph.node if n.op_type == "SelectVisual" for a in n.attribute if a.name == "k"]
+    graphs = exported("llava", "reroute")
+    for role, proto in graphs.items():
+        for f in proto.functions:
+            for n in f.node:
+                if n.op_type == "TopK":
+                    assert {a.name: a.i for a in n.attribute}.get("sorted", 1) == 1
+    ks = [a.ints[0] for p in graphs.values() for n in p.graph.node if n.op_type == "SelectVisual"
+          for a in n.attribute if a.name == "k"]
     assert ks and max(ks) <= 3840
-    # a longer prompt runs through the same artifact (text length is a free axis)
+    # a longer prompt runs through the same artifact (text length is a free axis) as through the modules
     ex = example("llava")
     extra = 7
     emb = torch.cat([ex.inputs_embeds[:, :1].expand(1, extra, -1), ex.inputs_embeds], 1)
     pos = torch.arange(emb.shape[1]).view(1, -1)
-    feeds = {C.INPUTS_EMBEDS: emb.numpy(), C.POSITION_IDS: pos.numpy(),
-             C.VISUAL_START: (ex.visual_start + extra).numpy()}
-    out = run(prefill, feeds)
+    vs = int(ex.visual_start) + extra
+    art = OrtArtifact.load(tiny_artifact("llava", "reroute"), verify=False)
+    logits, cache, decisions = art.decoder.prefill(emb.numpy(), pos.numpy(), vs)
     m, plan = tiny("llava"), plan_for("llava", "reroute")
-    with torch.no_grad():
-        ref = static_prefill(m.model, m.family, plan)(emb, pos, ex.visual_start + extra)
-    assert np.abs(out[0] - ref[0].numpy()).max() < 1e-4
+    ref = TorchStaticRuntime(m, plan, max_new_tokens=4).decoder_for(emb.shape[1], "cpu")
+    r_logits, _, r_decisions = ref.prefill(emb, pos, vs)
+    assert [d.reshape(-1).tolist() for d in decisions] == [d.reshape(-1).tolist() for d in r_decisions]
+    assert np.abs(logits - r_logits.numpy()).max() < 1e-4

@@ -38,6 +38,7 @@ class DecoderExample:
     inputs_embeds: torch.Tensor  # (1, L, D)
     position_ids: torch.Tensor  # (1, L) or (3, 1, L)
     visual_start: torch.Tensor  # (1,)
+    visual_tokens: int  # N of the sample (the graphs of another bucket scale L by their own N)
 
 
 def finish(model: "onnx.ModelProto | StreamedGraph", inline: bool) -> "onnx.ModelProto | StreamedGraph":
@@ -99,9 +100,15 @@ def graph_examples(program: Program, example: DecoderExample, dtypes: Sequence[t
     would specialise the free axis."""
     plan = program.plan
     ex, d = example, example.inputs_embeds.shape[2]
-    length, dtype = ex.inputs_embeds.shape[1], ex.inputs_embeds.dtype
+    dtype = ex.inputs_embeds.dtype
+    length = ex.inputs_embeds.shape[1] - ex.visual_tokens + plan.visual_tokens  # this bucket's prompt
     rows = plan.cache_tokens(length, 0)  # prefill rows per stage: L, then L - N + K_j
-    layer0 = program.segments[0].layers[0].self_attn
+    lead = ex.position_ids.shape[:-1]  # (1,) or (3, 1)
+
+    def positions(t: int) -> torch.Tensor:  # values are irrelevant, only the layout and length
+        return torch.arange(t).expand(*lead, t).contiguous()
+
+    layer0 = next(iter(program.segments[0].layers.values())).self_attn
     nh, nkv, hd = layer0.config.num_attention_heads, layer0.config.num_key_value_heads, layer0.head_dim
 
     def qkv(t: int, dt: torch.dtype) -> tuple:
@@ -113,14 +120,14 @@ def graph_examples(program: Program, example: DecoderExample, dtypes: Sequence[t
         t = rows[s]
         past = [torch.zeros(1, nkv, 2, hd, dtype=dtypes[i]) for i in layers for _ in (0, 1)]
         head = qkv(t, dtypes[layers.start]) if s > 0 else ()
-        out[C.segment(s)] = (torch.zeros(1, t, d, dtype=dtype), *head, ex.position_ids[..., :t],
+        out[C.segment(s)] = (torch.zeros(1, t, d, dtype=dtype), *head, positions(t),
                              torch.zeros(1, dtype=torch.long), *past)
     for j, stage in enumerate(plan.stages):
         t = length if plan.recoverable else rows[j]
         dt = dtypes[stage.layer]
         out[C.head(j)] = (torch.zeros(1, t, d, dtype=dtype),)
         cand = (torch.arange(program.routes[j].m).view(1, -1),) if program.routes[j].chained else ()
-        out[C.route(j)] = (torch.zeros(1, t, d, dtype=dtype), *qkv(t, dt), ex.position_ids[..., :t],
+        out[C.route(j)] = (torch.zeros(1, t, d, dtype=dtype), *qkv(t, dt), positions(t),
                            ex.visual_start, *cand)
     return out
 
@@ -163,36 +170,101 @@ def _by_signature(module: torch.nn.Module, flat: tuple) -> dict:
     return out
 
 
-def io_names(program: Program, role: str) -> tuple[list[str], list[str]]:
-    plan = program.plan
-    kind, index = role.split(".")[0], int(role.split(".")[1])
-    if kind == "segment":
-        return C.segment_io(plan.segments[index], index > 0, index == len(plan.segments) - 1)
-    if kind == "head":
-        return C.HEAD_IO
-    return C.route_io(index, program.routes[index].chained)
-
-
 def export_decoder(
     model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
-    max_prompt_tokens: int, max_new_tokens: int, folder: Path, *, inline: bool = False,
-    stream: WeightStream | None = None, on_graph=None,
+    max_prompt_tokens: int, cache_tokens: Sequence[int], folder: Path, *, inline: bool = False,
+    stream: WeightStream | None = None, on_graph=None, buckets: Sequence[tuple[int, RoutingPlan]] = (),
 ) -> dict[str, str]:
-    """Write every decoder graph of `plan` into `folder`: role -> file name."""
+    """Write every decoder graph of `plan` into `folder`, and the routing graphs of each extra
+    visual-token bucket k (its own plan: N_k, K_j) as route.j.bk: role -> file name.
+    `max_prompt_tokens` bounds every row axis (the longest prompt of any bucket);
+    `cache_tokens` are the segments' fixed KV buffer lengths."""
     from ..rewrite.segments import kv_dtypes
 
+    dtypes = kv_dtypes(model, family)
     program = Program(model, family, plan)
-    cache = plan.cache_tokens(max_prompt_tokens, max_new_tokens)
-    examples = graph_examples(program, example, kv_dtypes(model, family))
-    files: dict[str, str] = {}
-    for role, module in program.graphs().items():
+    jobs = {role: (program, module, role) for role, module in program.graphs().items()}
+    for k, bucket_plan in buckets:
+        other = Program(model, family, bucket_plan)
+        jobs.update({C.route(j, k): (other, other.routes[j], C.route(j)) for j in range(len(bucket_plan.stages))})
+    examples = {id(program): graph_examples(program, example, dtypes)}
+    for prog, _, _ in jobs.values():
+        examples.setdefault(id(prog), graph_examples(prog, example, dtypes))
+
+    def write(role: str) -> None:
         if on_graph is not None:
             on_graph(role)
-        args = examples[role]
-        inputs, outputs = io_names(program, role)
-        shapes = _by_signature(module, graph_shapes(program, role, args, max_prompt_tokens, cache))
+        prog, module, own = jobs[role]
+        args = examples[id(prog)][own]
+        inputs, outputs = prog.io(own)
+        shapes = _by_signature(module, graph_shapes(prog, own, args, max_prompt_tokens, cache_tokens))
         with torch.no_grad():
             proto = _export(module, args, shapes, inputs, outputs, stream)
-        files[role] = C.file_of(role)
-        save(finish(proto, inline), folder / files[role])
-    return files
+        save(finish(proto, inline), folder / C.file_of(role))
+
+    roles = list(jobs)
+    workers = 1 if stream is not None else _workers(len(roles))  # a stream appends to one file, in order
+    if workers > 1:
+        in_processes(write, roles, workers)
+    else:
+        for role in roles:
+            write(role)
+    return {role: C.file_of(role) for role in roles}
+
+
+def _workers(jobs: int) -> int:
+    """Forked exporters for an in-memory export: one per core (tracing is single-threaded),
+    at most 4; REROUTE_EXPORT_JOBS overrides (1: no fork)."""
+    import os
+
+    env = os.environ.get("REROUTE_EXPORT_JOBS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(jobs, 4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+def in_processes(work, items: list, workers: int) -> None:
+    """Run `work(item)` for every item in `workers` forked children (each takes every
+    workers-th item; the model is shared copy-on-write). A child's failure is raised here
+    with its message; Ctrl-C or SIGTERM here stops the children."""
+    import os
+    import signal
+
+    children: dict[int, int] = {}  # pid -> read end of its error pipe
+    try:
+        for w in range(workers):
+            r, wfd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: export its share, report a failure through the pipe
+                os.close(r)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                code = 0
+                try:
+                    for item in items[w::workers]:
+                        work(item)
+                except BaseException as e:  # noqa: BLE001  (reported to the parent, which raises)
+                    os.write(wfd, f"{type(e).__name__}: {e}".encode()[:4000])
+                    code = 1
+                finally:
+                    os._exit(code)
+            os.close(wfd)
+            children[pid] = r
+        errors = []
+        for pid, r in list(children.items()):
+            _, status = os.waitpid(pid, 0)
+            with os.fdopen(r, "rb") as f:
+                message = f.read().decode(errors="replace")
+            del children[pid]
+            if status != 0:
+                errors.append(message or f"an exporter process ended with status {status}")
+        if errors:
+            raise RuntimeError(f"graph export failed: {errors[0]}")
+    finally:
+        for pid, r in children.items():  # interrupted: stop what still runs
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+            os.close(r)

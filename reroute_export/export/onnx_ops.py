@@ -43,8 +43,6 @@ SCHEMAS = [
     _schema("RouteGather", [("x", "T"), ("selected", _I64), ("visual_start", _I64)],
             [("rows", "T"), ("index", _I64)], ["m"],
             "Kept rows of x: text rows and the selected rows of the visual block, in order."),
-    _schema("RouteScatter", [("base", "T"), ("rows", "T"), ("index", _I64)], [("out", "T")], [],
-            "base with rows written at the positions in index (write-back of a compact sequence)."),
 ]
 
 
@@ -98,18 +96,7 @@ def RouteGather(x, selected, visual_start, m: int):
     return rows, index
 
 
-@onnxscript.script(rr, default_opset=op)
-def RouteScatter(base, rows, index):
-    #   ScatterND(base, [b, index[b, t]] for every (b, t), rows), reduction none
-    one = op.Constant(value_int=1)
-    b = op.Gather(op.Shape(index), op.Constant(value_int=0), axis=0)
-    batch = op.Unsqueeze(op.Range(op.Constant(value_int=0), b, one), one)  # (B, 1)
-    bi = op.Expand(batch, op.Shape(index))  # (B, T')
-    coords = op.Concat(op.Unsqueeze(bi, [2]), op.Unsqueeze(index, [2]), axis=2)  # (B, T', 2)
-    return op.ScatterND(base, coords, rows)
-
-
-FUNCTIONS = [SelectVisual, RouteGather, RouteScatter]
+FUNCTIONS = [SelectVisual, RouteGather]
 
 
 # ---------------------------------------------------------------- translations
@@ -123,14 +110,9 @@ def _route_gather(x, selected, visual_start, m: int):
     return rr.RouteGather(x, selected, visual_start, m=m)
 
 
-def _route_scatter(base, rows, index):
-    return rr.RouteScatter(base, rows, index)
-
-
 TRANSLATIONS = {
     torch_ops.select_visual._opoverload: _select_visual,
     torch_ops.route_gather._opoverload: _route_gather,
-    torch_ops.route_scatter._opoverload: _route_scatter,
 }
 
 

@@ -104,6 +104,7 @@ class QwenImages:
     tests/test_runtime_torchfree.py holds pixels and grids equal to transformers'."""
 
     image_size: tuple[int, int]  # (H, W), the exported grid times the patch size
+    buckets: tuple[tuple[int, int], ...]  # every fixed size the artifact has graphs for (image_size first)
     min_pixels: int
     max_pixels: int
     resize_on: bool
@@ -122,16 +123,27 @@ class QwenImages:
         if not settings.get("image_size"):
             raise UserError(f"{folder}: the preprocessor has no fixed image size (the vision graph is static); "
                             f"re-export the artifact")
+        size = (int(settings["image_size"][0]), int(settings["image_size"][1]))
+        buckets = tuple((int(h), int(w)) for h, w in settings.get("image_buckets") or [size])
         return cls(
-            image_size=(int(settings["image_size"][0]), int(settings["image_size"][1])),
+            image_size=size, buckets=buckets,
             min_pixels=lo, max_pixels=min(hi, DEFAULT_MAX_PIXELS),  # load_preprocessor's cap
             resize_on=config.get("do_resize", True), pixels=Pixels.from_config(config),
             patch_size=int(config.get("patch_size", 14)), merge_size=int(config.get("merge_size", 2)),
             temporal_patch_size=int(config.get("temporal_patch_size", 2)),
         )
 
+    def bucket(self, width: int, height: int) -> tuple[int, int]:
+        """The artifact's size nearest (in log scale, per side) to the grid the processor
+        would pick for this image (smart_resize at its own pixel bounds)."""
+        if len(self.buckets) == 1:
+            return self.buckets[0]
+        factor = self.patch_size * self.merge_size
+        th, tw = smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        return min(self.buckets, key=lambda b: abs(math.log(b[0] / th)) + abs(math.log(b[1] / tw)))
+
     def __call__(self, image: PIL.Image.Image) -> ImageArrays:
-        height, width = self.image_size
+        height, width = self.bucket(*image.size)
         if image.size != (width, height):  # Preprocessor's fixed grid: PIL bicubic to the exported size
             image = image.resize((width, height), PIL.Image.Resampling.BICUBIC)
         chw = to_chw(image, self.pixels.convert_rgb)  # (3, H, W) uint8

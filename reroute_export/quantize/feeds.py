@@ -1,42 +1,123 @@
-"""Calibration feeds with routing active: each graph observed on the feeds the ONNX Runtime
-runtime itself builds for it (`OrtArtifact.recording`), served to the quantizers one at a time.
+"""Calibration feeds with routing active: every graph observed on the feeds the ONNX Runtime
+runtime itself builds for it (`OrtArtifact.recording`), stored once, served to the
+quantizers one graph and one feed at a time.
 
-The vision graph sees the processed photos; the prefill graph the host embedding of
-(prompt, fp32 image features) with the unpruned model's positions, the routing running
-inside it; the decode graph real greedy steps whose `past.*` are the fp32 prefill's caches.
+One pass over the calibration samples records every graph role at once: the vision graph
+sees the processed photos; each segment.s and head.j sees the prefill's rows (the host
+embedding of (prompt, fp32 image features) with the unpruned model's positions, then the
+rows routing kept) *and* real greedy decode steps (one row against the fp32 prefill's KV
+buffers), because prefill and decode run the very same segment and head graphs. The
+routing graphs run while the others are observed (so after a decision only the kept visual
+tokens reach a layer, and that is what its MatMuls see) but are not recorded: they are
+never quantized (recipes.FLOAT_KINDS).
+
+Feeds go to disk as they come (`FeedStore`), so memory holds one step's feeds, not every
+sample's. A decode step's `past.*` buffers are stored as their valid rows (below
+`past_length`) when every row above is still zero (the runtime allocates them zeroed and
+only appends), and rebuilt to the full buffer on reading: the feed read back is the one
+the graph received, bit for bit.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from .. import contract as C
+
 if TYPE_CHECKING:
     from ..runtime.ort import OrtArtifact
 
+_ROWS = "#rows"  # suffix of the stored full row count of a compacted past buffer
 
-def calibration_feeds(art: OrtArtifact, inputs: list[Any], role: str,
-                      decode_steps: int) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds for one graph, produced one at a time by running the fp32 artifact with the
-    runtime's own host code (so a 7B decode step's caches are held once, not per sample)."""
+
+class FeedStore:
+    """Each role's recorded feeds, one .npz file per feed under `folder/ROLE/`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.counts: dict[str, int] = {}
+
+    def add(self, role: str, feed: dict[str, np.ndarray]) -> None:
+        n = self.counts.get(role, 0)
+        path = self.folder / role / f"{n:06d}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            np.savez(f, **_compact(feed))
+        self.counts[role] = n + 1
+
+    def count(self, role: str) -> int:
+        return self.counts.get(role, 0)
+
+    def feeds(self, role: str) -> Iterator[dict[str, np.ndarray]]:
+        """The role's feeds in the order they were recorded, read one at a time."""
+        for n in range(self.count(role)):
+            with np.load(self.folder / role / f"{n:06d}.npz") as z:
+                yield _expand({k: z[k] for k in z.files})
+
+
+def _compact(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """past.* buffers (1, nkv, M, hd) -> their first past_length rows, where the rest are zeros."""
+    if C.PAST_LENGTH not in feed:
+        return dict(feed)
+    p = int(np.asarray(feed[C.PAST_LENGTH]).reshape(-1)[0])
+    out: dict[str, np.ndarray] = {}
+    for name, x in feed.items():
+        if name.startswith("past.") and x.ndim == 4 and 0 <= p <= x.shape[2] and not x[:, :, p:].any():
+            out[name] = np.ascontiguousarray(x[:, :, :p])
+            out[name + _ROWS] = np.array(x.shape[2], dtype=np.int64)
+        else:
+            out[name] = x
+    return out
+
+
+def _expand(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, x in stored.items():
+        if name.endswith(_ROWS):
+            continue
+        if name + _ROWS in stored:
+            full = np.zeros((*x.shape[:2], int(stored[name + _ROWS]), *x.shape[3:]), dtype=x.dtype)
+            full[:, :, :x.shape[2]] = x
+            x = full
+        out[name] = x
+    return out
+
+
+def record_feeds(art: OrtArtifact, inputs: list[Any], roles: list[str], decode_steps: int,
+                 store: FeedStore) -> dict[str, int]:
+    """Run the fp32 artifact on every input (routed prefill, then up to `decode_steps` greedy
+    steps) with the runtime's own host code, storing what each of `roles` receives.
+    Returns how many prefills and decode steps ran."""
     limit = int(art.shapes.get("max_new_tokens", decode_steps + 1))
     steps = min(decode_steps, max(0, limit - 1))
     eos = art.manifest.get("eos_token_id")
-    for x in inputs:
-        with art.recording(role) as sink:
+    runs = {"prefill_runs": 0, "decode_steps": 0}
+    with ExitStack() as stack:
+        sinks = {role: stack.enter_context(art.recording(role)) for role in roles}
+
+        def drain() -> None:
+            for role, sink in sinks.items():
+                for feed in sink:
+                    store.add(role, feed)
+                sink.clear()
+
+        for x in inputs:
             pre = art.prefill(x)  # vision graph + host embedding + routed prefill
-        yield from sink
-        if role != "decode":
-            continue
-        logits, kv = pre["logits"], pre["kv"]
-        for step in range(steps):
-            token = int(np.argmax(logits))
-            if token == eos and step:  # as generate() stops; the first step always runs, so
-                break                  # the decode graph sees every sample
-            with art.recording("decode") as sink:
+            drain()
+            runs["prefill_runs"] += 1
+            logits, kv = pre["logits"], pre["kv"]
+            for step in range(steps):
+                token = int(np.argmax(logits))
+                if token == eos and step:  # as generate() stops; the first step always runs, so
+                    break                  # every segment and head sees a decode row of every sample
                 logits, kv = art.decode_step(token, pre["next_position"] + step, kv)
-            yield from sink
+                drain()
+                runs["decode_steps"] += 1
+    return runs
 
 
 class FeedReader:

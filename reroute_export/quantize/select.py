@@ -1,6 +1,11 @@
 """What to quantize: weight-bearing MatMul/Gemm nodes, minus those a recipe keeps float
 (attention and routing-score MatMuls, the LM head, projections feeding the routing scores,
-`exclude_nodes` patterns), each exclusion with its reason; and what a quantized graph holds."""
+`exclude_nodes` patterns), each exclusion with its reason; and what a quantized graph holds.
+
+Per graph of the segmented decoder (rewrite/segments.py): the LM head is the MatMul that
+makes `logits`, in the last segment only; the projections feeding the routing scores are
+head.j's q_proj and k_proj (route.j scores the last row's query against every key). The
+route.j graphs themselves never reach this module: they are copied float (recipes.FLOAT_KINDS)."""
 
 from __future__ import annotations
 
@@ -70,12 +75,16 @@ def select_nodes(model: onnx.ModelProto, role: str, recipe: Recipe) -> tuple[lis
     ops = set(recipe.q("op_types"))
     constants = _constants(g)
     patterns = [re.compile(p) for p in recipe.q("exclude_nodes")]
+    outputs = {o.name for o in g.output}
     lm_head: set[str] = set()
-    if role in ("prefill", "decode") and recipe.q("exclude_lm_head"):
+    if C.LOGITS in outputs and recipe.q("exclude_lm_head"):  # the last segment
         lm_head = _upstream_quantizable(g, [C.LOGITS], {"MatMul", "Gemm"}, constants)
     routing: set[str] = set()
     if recipe.q("routing_projections") == "float":
+        # head.j's query and key are what route.j scores (a graph routing inside itself: SelectVisual's input)
         scores = [n.input[0] for n in g.node if n.domain == onnx_ops.DOMAIN and n.op_type == "SelectVisual"]
+        if role.split(".")[0] == "head":
+            scores += [C.QUERY, C.KEY]
         routing = _upstream_quantizable(g, scores, {"MatMul", "Gemm"}, constants)
     chosen, excluded = [], []
     for n in g.node:

@@ -6,7 +6,7 @@ parser run them without plugins, and a TensorRT plugin can replace any of them l
 
 The cut follows what is routing-specific and nothing else (scoring stays ordinary ops
 of the decision layer): pick K of a contiguous visual block, gather the kept rows into a
-compact sequence, write compact rows back into the full buffer. All shapes are static
+compact sequence (the write-back into the full buffer is the host's: rewrite/segments.py). All shapes are static
 given N, K and the text length: no NonZero, no data-dependent shapes.
 
 Visual tokens are contiguous in the prompt ([vs, vs + m) in the source sequence), so the
@@ -60,14 +60,3 @@ def route_gather(
 def _(x, local, visual_start, m):
     t = x.shape[1] - m + local.shape[1]
     return x.new_empty((x.shape[0], t, x.shape[2])), local.new_empty((x.shape[0], t))
-
-
-@torch.library.custom_op("reroute::route_scatter", mutates_args=())
-def route_scatter(base: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Write-back: base (B, T, D) with rows (B, T', D) placed at positions idx (B, T')."""
-    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[2]), rows)
-
-
-@route_scatter.register_fake
-def _(base, rows, idx):
-    return torch.empty_like(base)

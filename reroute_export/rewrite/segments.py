@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import contract as C
 from ..families.base import Family
 from ..plan import RoutingPlan
 from ..routing.scoring import apply_rope, scores_from_qk
@@ -109,9 +110,13 @@ def finish_layer(layer: nn.Module, residual: torch.Tensor, attn_out: torch.Tenso
 class Head(nn.Module):
     """head.j: hidden (1, T, D) -> query, key, value of decision layer d_j (pre-rope)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, index: int) -> None:
         super().__init__()
-        self.layer = layer
+        self.layers = nn.ModuleDict({str(index): layer})  # weights named by the model's layer index
+
+    @property
+    def layer(self) -> nn.Module:
+        return next(iter(self.layers.values()))
 
     def forward(self, hidden: torch.Tensor):
         return project(self.layer, hidden)
@@ -168,7 +173,8 @@ class Segment(nn.Module):
     def __init__(self, decoder: nn.Module, lm_head: nn.Module | None, layers: range, headed: bool) -> None:
         super().__init__()
         self.rotary = decoder.rotary_emb
-        self.layers = nn.ModuleList(decoder.layers[i] for i in layers)
+        # keyed by the model's layer index: graph weights are named layers.{i}.* as in the model
+        self.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in layers})
         self.norm = decoder.norm if lm_head is not None else None
         self.lm_head = lm_head
         self.headed = headed
@@ -178,7 +184,7 @@ class Segment(nn.Module):
         position_ids, past_length, past = args[0], args[1], args[2:]
         cos, sin = self.rotary(hidden, position_ids)
         x, out_dtype, new = hidden, hidden.dtype, []
-        for n, layer in enumerate(self.layers):
+        for n, layer in enumerate(self.layers.values()):
             dt = _dtype(layer)
             residual = _cast(x, dt)
             q, k, v = [_cast(t, dt) for t in qkv] if n == 0 and qkv is not None else project(layer, x)
@@ -202,7 +208,7 @@ class Program:
         last = len(plan.segments) - 1
         self.segments = [Segment(decoder, lm_head if s == last else None, layers, headed=s > 0).eval()
                          for s, layers in enumerate(plan.segments)]
-        self.heads = [Head(decoder.layers[st.layer]).eval() for st in plan.stages]
+        self.heads = [Head(decoder.layers[st.layer], st.layer).eval() for st in plan.stages]
         self.routes = []
         for j, st in enumerate(plan.stages):
             chained = not plan.recoverable and j > 0
@@ -218,6 +224,28 @@ class Program:
             out[f"route.{j}"] = self.routes[j]
             out[f"segment.{j + 1}"] = self.segments[j + 1]
         return out
+
+
+    def io(self, role: str) -> tuple[list[str], list[str]]:
+        """A role's graph input and output names (contract.py), in forward's argument order."""
+        kind, index = role.split(".")[0], int(role.split(".")[1])
+        if kind == "segment":
+            return C.segment_io(self.plan.segments[index], index > 0, index == len(self.plan.segments) - 1)
+        if kind == "head":
+            return C.HEAD_IO
+        return C.route_io(index, self.routes[index].chained)
+
+    def caller(self):
+        """`call(role, feeds) -> outputs` over the modules, for runtime/segmented.Decoder."""
+        graphs = self.graphs()
+
+        def call(role: str, feeds: dict[str, Any]) -> dict[str, Any]:
+            inputs, outputs = self.io(role)
+            with torch.no_grad():
+                out = graphs[role](*[feeds[n] for n in inputs])
+            return dict(zip(outputs, out))
+
+        return call
 
 
 def kv_dtypes(model: nn.Module, family: type[Family]) -> list[torch.dtype]:

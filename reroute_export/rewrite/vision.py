@@ -1,7 +1,7 @@
 """The vision towers as static-shape modules: pixel values -> projected visual tokens (N, D).
 
 Each family picks its module (`Family.vision_module`); export/vision.py writes it as
-vision.onnx. These are rewrites in the sense of rewrite/decoder.py: the HF model's own
+vision.onnx. These are rewrites in the sense of rewrite/segments.py: the HF model's own
 weights and computation, with every shape fixed when the module is built.
 
 LLaVA-1.5: the CLIP vision tower at the model's image size, the feature layer the config

@@ -49,6 +49,12 @@ _ELEMENT_TYPES = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
 }
 MANIFEST_KEYS = ("family", "plan", "shapes", "image_token_id")
+BUCKET = "bucket"  # prefill_feeds' host-side entry: the image-size bucket the input runs in
+
+
+def _route_role(bucket: int):
+    """Decision j -> the routing graph of `bucket` (bucket 0 keeps the plain names)."""
+    return lambda j: C.route(j, bucket or None)
 
 
 def default_providers() -> list[str]:
@@ -130,6 +136,7 @@ class _Checked:
     ids: np.ndarray  # (L,) int64
     grid: np.ndarray | None  # (1, 3) Qwen2.5-VL image grid, else None
     visual_start: int
+    bucket: int  # which of the artifact's image sizes (0: the only one, or the export sample's)
 
 
 class OrtArtifact:
@@ -150,8 +157,7 @@ class OrtArtifact:
         self.host = get_family(self.family)  # the family's host-side rules (positions, grid)
         self.preprocessor = preprocessor
         self.embed_tokens = embed_tokens  # (V, D), memory-mapped
-        self.graphs = graphs  # role -> session: vision, segment.s, head.j, route.j
-        self._vision = graphs["vision"]
+        self.graphs = graphs  # role -> session: vision(.bk), segment.s, head.j, route.j(.bk)
         first = graphs[C.segment(0)]
         self.embed_dtype = first.dtype(C.HIDDEN)
         kv_types = {}
@@ -160,7 +166,17 @@ class OrtArtifact:
         self.layout = Layout(self.plan, list(manifest["shapes"]["cache_tokens"]), int(manifest["shapes"]["num_kv_heads"]),
                              int(manifest["shapes"]["head_dim"]), [kv_types[i] for i in range(self.plan.num_layers)],
                              self.host.position_dims)
-        self.decoder = Decoder(self.layout, self._call)
+        # visual-token buckets (Qwen2.5-VL): per image size its grid, plan (N_k, K_j), vision and
+        # routing graphs; the segments and heads are shared. One bucket when none were exported.
+        raw = manifest.get("buckets") or [{"grid": manifest.get("image_grid_thw"), "plan": manifest["plan"],
+                                           "max_prompt_tokens": manifest["shapes"]["max_prompt_tokens"]}]
+        self.bucket_grids = [None if b["grid"] is None else np.asarray(b["grid"], dtype=np.int64).reshape(1, 3)
+                             for b in raw]
+        self.bucket_plans = [RoutingPlan.from_dict(b["plan"]) for b in raw]
+        self.bucket_limits = [int(b["max_prompt_tokens"]) for b in raw]
+        self.decoders = [Decoder(replace(self.layout, plan=p), self._call, route_role=_route_role(k))
+                         for k, p in enumerate(self.bucket_plans)]
+        self.decoder = self.decoders[0]
 
     def _call(self, role: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.graphs[role](feeds)
@@ -187,8 +203,8 @@ class OrtArtifact:
     def shapes(self) -> dict[str, Any]:
         return self.manifest["shapes"]
 
-    def _check_length(self, length: int) -> None:
-        limit = int(self.shapes["max_prompt_tokens"])
+    def _check_length(self, length: int, bucket: int = 0) -> None:
+        limit = self.bucket_limits[bucket]
         if length > limit:
             raise UserError(f"prompt has {length} tokens; this artifact takes at most {limit}")
 
@@ -196,7 +212,7 @@ class OrtArtifact:
         """(image, prompt) -> model inputs (numpy) with the artifact's own tokenizer and image
         processor; `.to_torch()` gives the eager reference the very same inputs."""
         inputs = self.preprocessor(image, prompt)
-        self._check_length(int(inputs.input_ids.shape[1]))
+        self._check_length(int(inputs.input_ids.shape[1]), self._bucket_of(inputs.image_grid_thw))
         return inputs
 
     def _check(self, inputs: Inputs) -> _Checked:
@@ -207,31 +223,38 @@ class OrtArtifact:
         if inputs.attention_mask is not None and not _numpy(inputs.attention_mask).all():
             raise UserError("padded inputs are not supported: give one unpadded prompt")
         ids = ids[0]  # (L,)
-        self._check_length(len(ids))
+        bucket = self._bucket_of(inputs.image_grid_thw)
+        self._check_length(len(ids), bucket)
         vocab = self.embed_tokens.shape[0]
         if ids.min() < 0 or ids.max() >= vocab:
             raise UserError(f"input ids hold token ids outside the vocabulary (0..{vocab - 1})")
-        return _Checked(ids, self._check_grid(inputs.image_grid_thw), self._visual_start(ids))
+        return _Checked(ids, self.bucket_grids[bucket], self._visual_start(ids, bucket), bucket)
 
-    def _visual_start(self, ids: np.ndarray) -> int:
+    def _visual_start(self, ids: np.ndarray, bucket: int = 0) -> int:
         """Index of the first of N contiguous image tokens (the prefill graph's contract)."""
         slots = np.flatnonzero(ids == int(self.manifest["image_token_id"]))  # (N,)
-        n = self.plan.visual_tokens
+        n = self.bucket_plans[bucket].visual_tokens
         if len(slots) != n:
             raise UserError(f"the prompt holds {len(slots)} image tokens; this artifact was exported for {n}")
         if n and slots[-1] - slots[0] != n - 1:
             raise UserError("the image tokens must form one contiguous block")
         return int(slots[0]) if n else 0
 
-    def _check_grid(self, given: Any) -> np.ndarray | None:
-        """Qwen2.5-VL: the vision graph is static, so the grid must be the exported one."""
-        fixed = self.host.host_grid(self.manifest)  # (1, 3), or None: the family has no grid
-        if fixed is None:
-            return None
-        if given is not None and not np.array_equal(_numpy(given).reshape(-1, 3), fixed):
-            raise UserError(f"image grid {_numpy(given).reshape(-1).tolist()} differs from the exported "
-                            f"grid {fixed[0].tolist()}; use the artifact's preprocessor")
-        return fixed
+    def _bucket_of(self, given: Any) -> int:
+        """Qwen2.5-VL: each vision graph is static, so the grid must be one the artifact was
+        exported for (its preprocessor resizes every image to the nearest of them)."""
+        if self.bucket_grids[0] is None or given is None:
+            return 0
+        grid = _numpy(given).reshape(-1, 3)
+        for k, fixed in enumerate(self.bucket_grids):
+            if np.array_equal(grid, fixed):
+                return k
+        known = ", ".join(str(g[0].tolist()) for g in self.bucket_grids)
+        if len(self.bucket_grids) == 1:
+            raise UserError(f"image grid {grid.reshape(-1).tolist()} differs from the exported grid {known}; "
+                            f"use the artifact's preprocessor")
+        raise UserError(f"image grid {grid.reshape(-1).tolist()} is none of the artifact's grids ({known}); "
+                        f"use the artifact's preprocessor")
 
     # ------------------------------------------------------------ prefill
 
@@ -242,17 +265,17 @@ class OrtArtifact:
     def _embeds(self, c: _Checked, pixel_values: Any) -> np.ndarray:
         """(1, L, D) token embeddings with the vision graph's features in the image slots."""
         dtype = self.embed_dtype
-        feats = self.run_vision(pixel_values)  # (N, D)
+        feats = self.run_vision(pixel_values, c.bucket)  # (N, D)
         embeds = self.embed_tokens[c.ids].astype(dtype)  # (L, D): fancy indexing copies from the mmap
-        n = self.plan.visual_tokens
+        n = self.bucket_plans[c.bucket].visual_tokens
         if feats.shape[0] != n:
             raise RuntimeError(f"{C.VISION} gave {feats.shape[0]} image features; the plan is for {n}")
         embeds[c.visual_start:c.visual_start + n] = feats.astype(dtype)
         return embeds[None]  # (1, L, D)
 
-    def run_vision(self, pixel_values: Any) -> np.ndarray:
-        """The vision graph alone: (N, D) image features, as float32."""
-        out = self._vision({C.PIXEL_VALUES: _numpy(pixel_values)})
+    def run_vision(self, pixel_values: Any, bucket: int = 0) -> np.ndarray:
+        """A vision graph alone: (N, D) image features, as float32."""
+        out = self.graphs[C.vision(bucket or None)]({C.PIXEL_VALUES: _numpy(pixel_values)})
         return out[C.IMAGE_FEATURES].reshape(-1, self.embed_tokens.shape[1]).astype(np.float32)
 
     def prefill_feeds(self, inputs: Inputs) -> dict[str, np.ndarray]:
@@ -262,13 +285,15 @@ class OrtArtifact:
             C.INPUTS_EMBEDS: self._embeds(c, inputs.pixel_values),
             C.POSITION_IDS: self._positions(c),  # (1, L) or (3, 1, L)
             C.VISUAL_START: np.array([c.visual_start], dtype=np.int64),  # (1,)
+            BUCKET: np.array(c.bucket),  # host-side: which image size's routing graphs run
         }
 
     def run_prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
         """The routed prefill on prepared feeds: last logits (V,), the filled KV buffers,
         decisions, next position."""
-        logits, cache, decisions = self.decoder.prefill(feeds[C.INPUTS_EMBEDS], feeds[C.POSITION_IDS],
-                                                        int(feeds[C.VISUAL_START][0]))
+        decoder = self.decoders[int(feeds.get(BUCKET, 0))]
+        logits, cache, decisions = decoder.prefill(feeds[C.INPUTS_EMBEDS], feeds[C.POSITION_IDS],
+                                                   int(feeds[C.VISUAL_START][0]))
         return {
             "logits": logits.reshape(-1).astype(np.float32),  # (V,)
             "kv": cache,
@@ -330,14 +355,10 @@ class OrtArtifact:
         graph = self.graphs[role]
         sink: list[dict[str, np.ndarray]] = []
         self.graphs[role] = _Recorder(graph, sink)
-        if role == "vision":
-            self._vision = self.graphs[role]
         try:
             yield sink
         finally:
             self.graphs[role] = graph
-            if role == "vision":
-                self._vision = graph
 
     def close(self) -> None:
         """Nothing to release early: the sessions go with the object."""
@@ -352,13 +373,14 @@ class ArtifactRun:
     def __init__(self, art: OrtArtifact, inputs: Inputs) -> None:
         self.art, self.pixel_values = art, inputs.pixel_values
         self.feeds = art.prefill_feeds(inputs)
+        self.bucket = int(self.feeds[BUCKET])
         self.details: dict[str, Any] = {}
 
     def sync(self) -> None:
         pass
 
     def vision(self) -> np.ndarray:
-        return self.art.run_vision(self.pixel_values)  # (N, D)
+        return self.art.run_vision(self.pixel_values, self.bucket)  # (N, D)
 
     def prefill(self) -> State:
         out = self.art.run_prefill(self.feeds)

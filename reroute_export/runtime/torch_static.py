@@ -1,12 +1,14 @@
-"""The export's static-shape modules run by torch ("torch-static" in bench records).
+"""The export's modules run by torch ("torch-static" in bench records).
 
-`rewrite.decoder.StaticPrefill` / `StaticDecode` are the modules the ONNX graphs are
-exported from. On a GPU, a bound run captures prefill and each of its decode steps once
-as CUDA graphs and replays them: every shape is fixed by the plan, so the whole greedy
-chain (prefill -> argmax -> embedding -> decode step -> ...) replays with no host
-synchronisation, which the eager engine's data-dependent shapes (nonzero, per-sample
-index sets) rule out. A run's graphs share one private memory pool, replayed in capture
-order. On the CPU (or past the captured steps) the same modules run eagerly.
+`rewrite.segments.Program` holds the modules the ONNX graphs are exported from (segments,
+decision heads, routing graphs), driven by the same flow as the ONNX Runtime artifact
+(runtime/segmented.Decoder) over torch tensors: fixed KV buffers allocated once per run on
+the model's device, written in place. On a GPU, a bound run captures prefill and each of
+its decode steps once as CUDA graphs and replays them: every shape is fixed by the plan,
+so the whole greedy chain (prefill -> argmax -> embedding -> decode step -> ...) replays
+with no host synchronisation, which the eager engine's data-dependent shapes (nonzero,
+per-sample index sets) rule out. A run's graphs share one private memory pool, replayed in
+capture order. On the CPU (or past the captured steps) the same modules run eagerly.
 """
 
 from __future__ import annotations
@@ -15,30 +17,70 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ..plan import RoutingPlan
 from ..results import TraceResult
-from ..rewrite.decoder import static_decode, static_prefill
+from ..rewrite.segments import Program, kv_dtypes
 from .base import State, greedy, trace_of
 from .eager import TorchRun, TorchRuntime, torch_inputs
+from .segmented import Arrays, Decoder, Layout
 
 if TYPE_CHECKING:
     from ..preprocess import VLInputs
     from ..registry import Loaded
 
 
+class TorchArrays(Arrays):
+    """runtime/segmented's allocations as torch tensors on one device. Index tensors (positions,
+    past lengths) are made once per value and reused: a CUDA graph captured after a warm-up
+    pass finds them already on the device (no host copy may happen while capturing)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self._made: dict[tuple, torch.Tensor] = {}
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def index(self, values: Any) -> torch.Tensor:
+        arr = np.asarray(values, dtype=np.int64)
+        key = (arr.shape, arr.tobytes())
+        if key not in self._made:
+            self._made[key] = torch.from_numpy(arr.copy()).to(self.device)
+        return self._made[key]
+
+    def copy(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    def to_index(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1).long()
+
+
 class TorchStaticRuntime(TorchRuntime):
-    """The static prefill and decode modules on the loaded model; `decode_steps` decode
-    steps are prepared ahead by every bound run (captured as CUDA graphs on a GPU)."""
+    """The deployable decoder's modules on the loaded model; `decode_steps` decode steps are
+    prepared ahead by every bound run (captured as CUDA graphs on a GPU).
+
+    `max_tokens` sizes the KV buffers (prompt + new tokens; default: what a run needs)."""
 
     backend = "torch-static"
 
-    def __init__(self, loaded: Loaded, plan: RoutingPlan, decode_steps: int = 0) -> None:
+    def __init__(self, loaded: Loaded, plan: RoutingPlan, decode_steps: int = 0, max_new_tokens: int = 256) -> None:
         super().__init__(loaded, plan)
-        self.prefill_module = static_prefill(loaded.model, loaded.family, plan)
-        self.decode_module = static_decode(loaded.model, loaded.family, plan)
+        self.program = Program(loaded.model, loaded.family, plan)
+        self.call = self.program.caller()
         self.decode_steps = decode_steps
+        self.max_new_tokens = max_new_tokens
+
+    def decoder_for(self, prompt_tokens: int, device: Any) -> Decoder:
+        """The flow with buffers for this prompt length plus max_new_tokens (+ the captured steps)."""
+        attn = self.loaded.family.decoder(self.loaded.model).layers[0].self_attn
+        new = max(self.max_new_tokens, self.decode_steps + 1)
+        layout = Layout(self.plan, self.plan.cache_tokens(prompt_tokens, new), attn.config.num_key_value_heads,
+                        attn.head_dim, kv_dtypes(self.loaded.model, self.loaded.family),
+                        self.loaded.family.position_dims)
+        return Decoder(layout, self.call, TorchArrays(device))
 
     def bind(self, inputs: Any) -> StaticRun:
         return StaticRun(self, torch_inputs(inputs), self.decode_steps)
@@ -60,13 +102,10 @@ class StaticRun(TorchRun):
             self.embeds = fam.embed(model, inputs)  # (1, L, D): outside any timer
             self.positions = fam.positions(model, inputs)  # (1, L) or (3, 1, L)
         vis = (inputs.input_ids[0] == fam.image_token_id(model)).nonzero()  # (N, 1)
-        self.visual_start = vis[:1, 0].clone()  # (1,) the contiguous visual block's first position
+        self.visual_start = int(vis[0, 0])  # the contiguous visual block's first position
         self.first = int(self.positions.max()) + 1
-        self.shape = (3, 1, 1) if fam.position_dims == 3 else (1, 1)
-        self.step_positions = [self._new_position(i) for i in range(steps)]
         self.embed_tokens = fam.decoder(model).embed_tokens
-        self.prefill_module, self.decode_module = rt.prefill_module, rt.decode_module
-        self.layers = rt.plan.num_layers
+        self.decoder = rt.decoder_for(self.embeds.shape[1], self.embeds.device)
         self.graphs: list[Any] = []
         self.outputs: list[State] = []
         self.details = {"cuda_graphs": False}
@@ -75,22 +114,14 @@ class StaticRun(TorchRun):
 
     # ------------------------------------------------------------ the modules, eagerly
 
-    def _new_position(self, step: int) -> torch.Tensor:
-        return torch.full(self.shape, self.first + step, dtype=torch.long, device=self.embeds.device)
-
-    def _position(self, step: int) -> torch.Tensor:
-        """Step `step`'s position ids: made ahead (fixed addresses for the graphs), or now."""
-        return self.step_positions[step] if step < len(self.step_positions) else self._new_position(step)
-
     def _prefill_eager(self) -> State:
-        out = self.prefill_module(self.embeds, self.positions, self.visual_start)
-        kv = out[1:1 + 2 * self.layers]  # key, value per layer
-        return State(out[0], list(zip(kv[::2], kv[1::2])), list(out[1 + 2 * self.layers:]), self.first)
+        logits, cache, decisions = self.decoder.prefill(self.embeds, self.positions, self.visual_start)
+        return State(logits, cache, decisions, self.first)
 
     def _decode_eager(self, state: State, step: int) -> State:
         x = self.embed_tokens(state.logits.argmax(-1).view(-1, 1))  # (1, 1, D): greedy, on the device
-        out = self.decode_module(x, self._position(step), *[t for pair in state.kv for t in pair])
-        return replace(state, logits=out[0], kv=list(zip(out[1::2], out[2::2])))
+        logits = self.decoder.decode(x, self.first + step, state.kv)  # the buffers grow in place
+        return replace(state, logits=logits)
 
     # ------------------------------------------------------------ CUDA graphs
 

@@ -1,0 +1,88 @@
+"""Qwen2.5-VL at any image size: one artifact, visual-token buckets (issue 13 item 3).
+
+Each bucket has its own vision graph and routing graphs (its N and K_j); the decoder's
+segments and heads are shared. An image is resized to the bucket nearest to the grid the
+processor would give it, and must then trace exactly like the eager reference at that size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import sample_inputs, tiny
+from reroute_export import contract as C
+from reroute_export.errors import UserError
+from reroute_export.export.artifact import read_manifest
+from reroute_export.pipeline import ExportOptions, export_artifact
+from reroute_export.plan import make_plan
+from reroute_export.runtime import OrtArtifact
+from reroute_export.runtime.eager import EagerRuntime
+
+FAMILY = "qwen2.5-vl"
+BUCKETS = ((112, 168), (168, 112))  # H x W in pixels, beside the sample's own 224 x 224
+
+
+@functools.lru_cache(maxsize=None)
+def bucketed() -> Path:
+    loaded = tiny(FAMILY)
+    plan = make_plan(loaded.spec, "reroute", budget=32)
+    out = Path(tempfile.mkdtemp(prefix="reroute-buckets-")) / "art"
+    opts = ExportOptions(quiet=True, max_new_tokens=16, max_prompt_tokens=plan.visual_tokens + 96,
+                         image_buckets=BUCKETS)
+    export_artifact(loaded, plan, sample_inputs(FAMILY), out, opts)
+    return out
+
+
+def test_buckets_share_segments_and_own_vision_and_routing_graphs() -> None:
+    manifest = read_manifest(bucketed())
+    grids = [b["grid"] for b in manifest["buckets"]]
+    assert grids == [[1, 16, 16], [1, 8, 12], [1, 12, 8]]
+    assert [b["plan"]["visual_tokens"] for b in manifest["buckets"]] == [64, 24, 24]
+    roles = set(manifest["graphs"])
+    assert {"vision", "vision.b1", "vision.b2"} <= roles
+    assert {C.route(j, k) for j in range(4) for k in (1, 2)} <= roles
+    assert sum(r.startswith("segment.") for r in roles) == 5 and sum(r.startswith("head.") for r in roles) == 4
+    # K_j of a bucket is the schedule's ratio at its own N
+    plan0 = manifest["buckets"][0]["plan"]
+    for b in manifest["buckets"][1:]:
+        assert [s["ratio"] for s in b["plan"]["stages"]] == [s["ratio"] for s in plan0["stages"]]
+    assert manifest["check"]["passed"]  # the post-export check runs the sample's bucket
+
+
+@pytest.mark.parametrize("size,bucket", [((224, 224), 0), ((150, 100), 1), ((100, 150), 2)])
+def test_three_image_sizes_each_trace_like_eager_at_that_size(size: tuple[int, int], bucket: int) -> None:
+    art = OrtArtifact.load(bucketed(), verify=False)
+    rng = np.random.default_rng(sum(size))
+    image = PIL.Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8))  # W x H
+    inputs = art.prepare(image, "What is in the picture?")
+    k = art._bucket_of(inputs.image_grid_thw)
+    assert k == bucket
+    got = art.trace(inputs, 8)
+    ref = EagerRuntime(tiny(FAMILY), art.bucket_plans[k]).trace(inputs.to_torch(), 8)
+    assert got.decisions == ref.decisions
+    assert np.abs(np.array(got.last_logits) - np.array(ref.last_logits)).max() <= 1e-4
+    assert got.generated_ids == ref.generated_ids and ref.generated_ids
+
+
+def test_a_grid_of_no_bucket_is_refused_in_one_line() -> None:
+    art = OrtArtifact.load(bucketed(), verify=False)
+    inputs = sample_inputs(FAMILY)
+    bad = dataclasses.replace(inputs, image_grid_thw=torch.tensor([[1, 4, 4]]))
+    with pytest.raises(UserError, match=r"none of the artifact's grids \(\[1, 16, 16\], \[1, 8, 12\], \[1, 12, 8\]\)"):
+        art.prefill(bad)
+
+
+def test_llava_takes_no_buckets() -> None:
+    loaded = tiny("llava")
+    plan = make_plan(loaded.spec, "reroute", budget=32)
+    with pytest.raises(UserError, match="buckets are for Qwen2.5-VL"):
+        export_artifact(loaded, plan, sample_inputs("llava"), Path(tempfile.mkdtemp()) / "x",
+                        ExportOptions(quiet=True, image_buckets=((336, 336),)))
