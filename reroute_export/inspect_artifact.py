@@ -2,9 +2,16 @@
 
 Reads `manifest.json` (refusing other formats, like the loader), re-hashes every listed
 file unless `--no-verify`, and summarises: model and family, the routing plan (stages,
-average visual tokens per layer), precision, opset / IR, shapes, each graph's inputs and
-outputs, the files with their sizes, the post-export check (passed / failed, with the
-metrics), and the TensorRT build and quantization records when present.
+average visual tokens per layer), precision, opset / IR, shapes, the graphs by role
+(vision, segment.s with its layers, head.j, route.j; Qwen buckets as *.bK) with their
+weight bytes, the weights in total (each stored byte once: regions of a shared
+weights.data that two graphs point at are counted once and reported as shared), the
+fixed KV buffers (M_s rows per segment, bytes at the graphs' KV dtype), each graph's
+inputs and outputs, the files with their sizes, the post-export check (passed / failed,
+with the metrics), and the TensorRT build and quantization records when present.
+
+Graphs are read without their weights (the protobuf is walked and each initializer's
+header parsed, its bytes skipped), so a multi-GB graph costs what its nodes cost.
 
 Exit codes: 0 intact; 2 not an artifact, or a file missing / changed (one line on stderr).
 """
@@ -15,16 +22,27 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import UserError
 from . import contract as C
 from .export.artifact import read_manifest, sha256_file
 from .files import write_json
+from .plan import RoutingPlan
 
-# Graph headers are read with onnx (weights stay on disk); past this size we skip them
-# rather than parse gigabytes of inline initializers just for the I/O signature.
-MAX_GRAPH_BYTES_FOR_IO = 512 << 20
+# Bytes per element of each ONNX tensor type (sub-byte types packed).
+_ELEMENT_BYTES = {"FLOAT": 4, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "INT32": 4, "INT64": 8, "BOOL": 1,
+                  "FLOAT16": 2, "DOUBLE": 8, "UINT32": 4, "UINT64": 8, "COMPLEX64": 8, "COMPLEX128": 16,
+                  "BFLOAT16": 2, "FLOAT8E4M3FN": 1, "FLOAT8E4M3FNUZ": 1, "FLOAT8E5M2": 1, "FLOAT8E5M2FNUZ": 1,
+                  "FLOAT8E8M0": 1, "UINT4": 0.5, "INT4": 0.5, "FLOAT4E2M1": 0.5, "UINT2": 0.25, "INT2": 0.25,
+                  "FLOAT6E2M3": 0.75, "FLOAT6E3M2": 0.75}
+_NUMPY_NAMES = {"float": "float32", "double": "float64"}  # ONNX type names -> the usual ones
+_KINDS = ("vision", "segment", "head", "route")  # role prefixes (contract.py); "vision.b1", "route.0.b1": buckets
+
+# protobuf field numbers (onnx.proto3)
+_MODEL_GRAPH = 7
+_GRAPH_INITIALIZER = 5
+_TENSOR_PAYLOAD = {4, 5, 6, 7, 9, 10, 11}  # float/int32/string/int64/raw/double/uint64 data: skipped
 
 
 # ---------------------------------------------------------------- collecting
@@ -50,18 +68,117 @@ def _unlisted(folder: Path, files: dict[str, Any]) -> list[str]:
     return sorted(here - set(files) - {C.MANIFEST})
 
 
-def _graph_io(path: Path) -> dict[str, Any]:
-    """Inputs / outputs with element types and shapes (symbolic dims by name), opset, IR."""
+def _varint(buf: Any, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """A protobuf message's fields: (number, start of the key, start of the value, end)."""
+    pos = start
+    while pos < end:
+        key_at = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, stop = _varint(buf, pos)
+        elif wire == 1:
+            stop = pos + 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            stop = pos + n
+        elif wire == 5:
+            stop = pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if stop > end:
+            raise ValueError("truncated message")
+        yield number, key_at, pos, stop
+        pos = stop
+
+
+def _key(number: int, length: int) -> bytes:
+    """The key and length prefix of a length-delimited field."""
+    out, value = bytearray(), (number << 3) | 2
+    for v in (value, length):
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def _tensor(buf: Any, start: int, end: int) -> dict[str, Any]:
+    """One initializer's header (its data skipped): name, bytes, and where an external one lives."""
+    import onnx
+
+    kept = b"".join(bytes(buf[k:stop]) for number, k, _, stop in _fields(buf, start, end)
+                    if number not in _TENSOR_PAYLOAD)
+    t = onnx.TensorProto.FromString(kept)
+    dtype = onnx.TensorProto.DataType.Name(t.data_type)
+    count = 1
+    for d in t.dims:
+        count *= d
+    nbytes = int(count * _ELEMENT_BYTES.get(dtype, 0) + 0.99)
+    entry: dict[str, Any] = {"name": t.name, "bytes": nbytes}
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        ext = {e.key: e.value for e in t.external_data}
+        entry.update(location=ext.get("location", ""), offset=int(ext.get("offset", 0)),
+                     bytes=int(ext.get("length", nbytes)))
+    return entry
+
+
+def _read_graph(path: Path) -> tuple[Any, list[dict[str, Any]]]:
+    """(the ModelProto without initializers, each initializer's header), weights left on disk."""
+    import mmap
+
+    import onnx
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        rest, tensors = [], []
+        for number, k, v, stop in _fields(buf, 0, len(buf)):
+            if number != _MODEL_GRAPH:
+                rest.append(bytes(buf[k:stop]))
+                continue
+            graph = []
+            for g_number, gk, gv, g_stop in _fields(buf, v, stop):
+                if g_number == _GRAPH_INITIALIZER:
+                    tensors.append(_tensor(buf, gv, g_stop))
+                else:
+                    graph.append(bytes(buf[gk:g_stop]))
+            body = b"".join(graph)
+            rest.append(_key(_MODEL_GRAPH, len(body)) + body)
+    return onnx.ModelProto.FromString(b"".join(rest)), tensors
+
+
+def _weights(tensors: list[dict[str, Any]]) -> dict[str, Any]:
+    external: dict[str, int] = {}
+    for t in tensors:
+        if "location" in t:
+            external[t["location"]] = external.get(t["location"], 0) + t["bytes"]
+    return {"tensors": len(tensors), "bytes": sum(t["bytes"] for t in tensors),
+            "inline_bytes": sum(t["bytes"] for t in tensors if "location" not in t), "external": external}
+
+
+def _graph_io(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Inputs / outputs with element types and shapes (symbolic dims by name), opset, IR and
+    weight bytes; and the initializers' headers (where external ones live)."""
     if not path.is_file():
-        return {"file": path.name, "error": "missing"}
-    if path.stat().st_size > MAX_GRAPH_BYTES_FOR_IO:
-        return {"file": path.name, "skipped": f"over {MAX_GRAPH_BYTES_FOR_IO >> 20} MiB with inline weights"}
+        return {"file": path.name, "error": "missing"}, []
     import onnx
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model, tensors = _read_graph(path)
     except Exception as e:  # a truncated or foreign file: report, do not crash the summary
-        return {"file": path.name, "error": f"unreadable ({type(e).__name__})"}
+        return {"file": path.name, "error": f"unreadable ({type(e).__name__})"}, []
 
     def value(v: Any) -> dict[str, Any]:
         t = v.type.tensor_type
@@ -72,7 +189,73 @@ def _graph_io(path: Path) -> dict[str, Any]:
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     return {"file": path.name, "ir_version": model.ir_version, "opset": opsets.get("ai.onnx"),
             "opsets": opsets, "functions": len(model.functions),
-            "inputs": [value(v) for v in model.graph.input], "outputs": [value(v) for v in model.graph.output]}
+            "inputs": [value(v) for v in model.graph.input], "outputs": [value(v) for v in model.graph.output],
+            "weights": _weights(tensors)}, tensors
+
+
+def _role_facts(role: str, plan: Any, segments: list[list[int]]) -> dict[str, Any]:
+    """kind, bucket and the decoder layers a role's graph covers ([first, last]; a route: its decision layer)."""
+    parts = role.split(".")
+    kind = parts[0] if parts[0] in _KINDS else "other"
+    bucket = next((int(p[1:]) for p in parts[1:] if p[:1] == "b" and p[1:].isdigit()), 0)
+    index = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    layers = None
+    if kind == "segment" and index is not None and index < len(segments):
+        layers = [segments[index][0], segments[index][1] - 1]
+    elif kind in ("head", "route") and index is not None and index < len(plan.stages):
+        layers = [plan.stages[index].layer, plan.stages[index].layer]
+    return {"kind": kind, "bucket": bucket, "index": index, "layers": layers}
+
+
+def _weight_totals(graphs: dict[str, dict[str, Any]], tensors: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Bytes stored for the graphs' weights, each once: inline tensors are their graph's own;
+    external regions are merged per file, so bytes two graphs (or two tensors) point at
+    count once, and `shared_bytes` says how many were pointed at more than once."""
+    regions: dict[str, list[tuple[int, int]]] = {}
+    inline = 0
+    for ts in tensors.values():
+        for t in ts:
+            if "location" in t:
+                regions.setdefault(t["location"], []).append((t["offset"], t["offset"] + t["bytes"]))
+            else:
+                inline += t["bytes"]
+    external: dict[str, int] = {}
+    for loc, spans in regions.items():
+        total, reach = 0, -1
+        for lo, hi in sorted(spans):
+            if hi > reach:
+                total += hi - max(lo, reach)
+                reach = hi
+        external[loc] = total
+    referenced = sum(g["weights"]["bytes"] for g in graphs.values() if "weights" in g)
+    stored = inline + sum(external.values())
+    by_kind: dict[str, int] = {}
+    for g in graphs.values():
+        if "weights" in g:
+            by_kind[g["kind"]] = by_kind.get(g["kind"], 0) + g["weights"]["bytes"]
+    return {"bytes": stored, "inline_bytes": inline, "external": external, "referenced_bytes": referenced,
+            "shared_bytes": referenced - stored, "by_kind": by_kind}
+
+
+def _kv_buffers(manifest: dict[str, Any], graphs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The fixed per-layer KV buffers a run allocates: (1, nkv, M_s, hd) for K and V of each
+    layer of segment s, at the dtype the segment graph declares for past.{i}.key."""
+    dec, sh = manifest.get("decoder") or {}, manifest.get("shapes") or {}
+    segments, cache = dec.get("segments"), dec.get("cache_tokens") or sh.get("cache_tokens")
+    nkv, hd = sh.get("num_kv_heads"), sh.get("head_dim")
+    if not segments or not cache or not nkv or not hd:
+        return None
+    default = {"fp16": "float16"}.get(manifest.get("precision", ""), "float")
+    rows, total = [], 0
+    for s, ((a, b), m) in enumerate(zip(segments, cache)):
+        declared = {v["name"]: v["dtype"] for v in graphs.get(C.segment(s), {}).get("inputs", [])}
+        dtypes = [declared.get(C.past(i, "key"), default) for i in range(a, b)]
+        nbytes = sum(int(2 * nkv * m * hd * _ELEMENT_BYTES.get(d.upper(), 4)) for d in dtypes)
+        rows.append({"segment": C.segment(s), "layers": [a, b - 1], "cache_tokens": int(m),
+                     "dtypes": sorted({_NUMPY_NAMES.get(d, d) for d in dtypes}), "bytes": nbytes})
+        total += nbytes
+    return {"num_kv_heads": int(nkv), "head_dim": int(hd), "segments": rows, "bytes": total,
+            "dtypes": sorted({d for r in rows for d in r["dtypes"]})}
 
 
 def _plan_summary(raw: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +299,13 @@ def inspect(folder: str | Path, verify: bool = True) -> dict[str, Any]:
         plan = _plan_summary(manifest["plan"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"artifact {folder}: {C.MANIFEST} has no readable plan ({type(e).__name__}: {e})") from None
-    graphs = {role: _graph_io(folder / name) for role, name in
-              {"vision": C.VISION, "prefill": C.PREFILL, "decode": C.DECODE, **manifest.get("graphs", {})}.items()}
+    plan_obj = RoutingPlan.from_dict(manifest["plan"])
+    segments = (manifest.get("decoder") or {}).get("segments") or [[r.start, r.stop] for r in plan_obj.segments]
+    graphs, tensors = {}, {}
+    for role, name in (manifest.get("graphs") or {}).items():
+        graphs[role], tensors[role] = _graph_io(folder / name)
+        graphs[role] = {**_role_facts(role, plan_obj, segments), **graphs[role]}
+    embed = folder / C.EMBEDDINGS
     listed = [{"path": rel, "bytes": int(e.get("bytes", 0)), "sha256": e.get("sha256")}
               for rel, e in sorted(files.items())]
     report: dict[str, Any] = {
@@ -136,6 +324,9 @@ def inspect(folder: str | Path, verify: bool = True) -> dict[str, Any]:
         "shapes": manifest.get("shapes", {}),
         "image_grid_thw": manifest.get("image_grid_thw"),
         "graphs": graphs,
+        "weights": {**_weight_totals(graphs, tensors),
+                    "embed_tokens_bytes": embed.stat().st_size if embed.is_file() else None},
+        "kv_buffers": _kv_buffers(manifest, graphs),
         "files": listed,
         "total_bytes": sum(f["bytes"] for f in listed),
         "unlisted_files": _unlisted(folder, files),
@@ -198,6 +389,54 @@ def _sig(values: list[dict[str, Any]]) -> str:
     return "; ".join(shown)
 
 
+_KIND_WORDS = {"vision": ("vision", "vision"), "segment": ("segment", "segments"), "head": ("head", "heads"),
+               "route": ("routing", "routing"), "other": ("other", "other")}
+
+
+def _count(kind: str, n: int) -> str:
+    one, many = _KIND_WORDS.get(kind, (kind, kind))
+    return f"{n} {one if n == 1 else many}"
+
+
+def _graphs_lines(r: dict[str, Any]) -> list[str]:
+    """The graphs by role (layers, weight bytes) and the weights in total, each stored byte once."""
+    graphs, w = r["graphs"], r.get("weights") or {}
+    kinds: dict[str, int] = {}
+    for g in graphs.values():
+        kinds[g.get("kind", "other")] = kinds.get(g.get("kind", "other"), 0) + 1
+    out = [f"graphs: {len(graphs)} (" + ", ".join(_count(k, n) for k, n in kinds.items()) + ")"]
+    rows = []
+    for role, g in graphs.items():
+        layers = g.get("layers")
+        span = "-" if layers is None else (f"at {layers[0]}" if g.get("kind") == "route" else _span(layers))
+        if "weights" in g:
+            ww = g["weights"]
+            size = _size(ww["bytes"]) + (" (external)" if ww["external"] and not ww["inline_bytes"] else "")
+            rows.append([role, g["file"], span, size, str(ww["tensors"])])
+        else:
+            rows.append([role, g["file"], span, g.get("error", "?"), "-"])
+    out.append(_table(rows, ["role", "file", "layers", "weights", "tensors"], right=(3, 4)))
+    if w:
+        parts = ", ".join(f"{_KIND_WORDS.get(k, (k, k))[1]} {_size(n)}" for k, n in w["by_kind"].items())
+        line = f"weights: {_size(w['bytes'])} stored ({parts})"
+        if w.get("embed_tokens_bytes") is not None:
+            line += f"; {C.EMBEDDINGS} {_size(w['embed_tokens_bytes'])} (host-side lookup)"
+        out.append(line)
+        out.append(f"  {_size(w['shared_bytes'])} referenced by more than one graph, counted once"
+                   if w["shared_bytes"] else "  each weight stored once (no bytes referenced by two graphs)")
+    return out
+
+
+def _kv_lines(kv: dict[str, Any] | None) -> list[str]:
+    if not kv:
+        return []
+    out = [f"KV buffers (fixed, allocated once per run; {'/'.join(kv['dtypes'])}, K and V of "
+           f"{kv['num_kv_heads']} KV heads x head dim {kv['head_dim']} per layer): {_size(kv['bytes'])}"]
+    rows = [[s["segment"], _span(s["layers"]), str(s["cache_tokens"]), _size(s["bytes"])] for s in kv["segments"]]
+    out.append(_table(rows, ["segment", "layers", "M_s rows", "bytes"], right=(2, 3)))
+    return out
+
+
 def format_report(r: dict[str, Any]) -> str:
     p, sh = r["plan"], r["shapes"]
     out = [f"{r['model']} ({r['family']})  artifact {r['path']}  [{r['format']}]"]
@@ -216,10 +455,12 @@ def format_report(r: dict[str, Any]) -> str:
                    f"hidden {sh.get('hidden_size')}, {sh.get('num_layers')} layers x {sh.get('num_kv_heads')} KV heads "
                    f"x head dim {sh.get('head_dim')}, vocab {sh.get('vocab_size')}"
                    + (f", image grid {r['image_grid_thw']}" if r.get("image_grid_thw") else ""))
-    out.append("graphs:")
+    out += _graphs_lines(r)
+    out += _kv_lines(r.get("kv_buffers"))
+    out.append("graph I/O:")
     for role, g in r["graphs"].items():
         if "inputs" not in g:
-            out.append(f"  {role} ({g['file']}): {g.get('error') or g.get('skipped')}")
+            out.append(f"  {role} ({g['file']}): {g.get('error')}")
             continue
         out.append(f"  {role} ({g['file']}, opset {g['opset']}, IR {g['ir_version']}, {g['functions']} functions)")
         out.append(f"    in:  {_sig(g['inputs'])}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_artifact
-from reroute_export.bench import cli as bench_cli, report, run as bench_run, timing
+from reroute_export.bench import cli as bench_cli, report, run as bench_run, timing, traffic
 from reroute_export.errors import UserError
 
 MODEL, BUDGET, METHODS = "tiny-llava", 32, ("none", "reroute")
@@ -62,6 +62,7 @@ def test_bench_cli_writes_records_and_summary(tmp_path: Path) -> None:
         assert r["status"] == "ok"
         assert all(_positive(r[k]) for k in TIMED), r
         assert math.isfinite(r["peak_mem_mb"]) and r["peak_mem_mb"] >= 0
+        assert _positive(r["peak_rss_mb"]) and r["peak_rss_mb"] >= r["peak_mem_mb"]
         assert r["prefill_ms_p90"] >= r["prefill_ms_p50"]
         assert r["threads"] == 2 and r["repeats"] == 1
     none, rr = records[0], records[1]
@@ -78,6 +79,42 @@ def test_bench_cli_writes_records_and_summary(tmp_path: Path) -> None:
     assert len(records[1]["decisions"]) == 4 and len(records[1]["greedy_tokens"]) == 3  # prefill + 2 steps
     assert payload["machine"]["cpu_count"] >= 1
     assert "| reroute | onnxruntime |" in md.read_text()
+    _check_traffic(records, summary, md.read_text())
+
+
+def _expected_traffic(method: str, prompt: int, buffers: list[int], elem: int) -> dict:
+    """Per layer, from keep_per_layer (not plan.cache_tokens): the prompt's cache rows."""
+    from reroute_export.plan import make_plan
+    from conftest import tiny
+
+    spec = tiny("llava").spec
+    plan = make_plan(spec, method, budget=None if method == "none" else BUDGET)
+    row = 2 * spec.text.num_kv_heads * spec.text.head_dim * elem
+    rows = [prompt - plan.visual_tokens + k for k in plan.keep_per_layer()]
+    stage = [s for s, layers in enumerate(plan.segments) for _ in layers]
+    return {"before": sum(p * row + (p + 1) * row for p in rows), "write": plan.num_layers * row,
+            "read": sum(buffers[s] * row for s in stage)}
+
+
+def _check_traffic(records, summary, md: str) -> None:
+    """KV-cache bytes per decode step: one row per layer written into the fixed buffers, the
+    artifact's M_s rows read; the concat layout's whole-cache copy at the prompt's lengths."""
+    for r in records:
+        t = r["kv_traffic_per_decode_step"]
+        assert t["prompt_tokens"] == r["prompt_tokens"] and t["elem_bytes"] == [4]
+        if r["backend"] == "onnxruntime":
+            manifest = json.loads((Path(tiny_artifact("llava", r["method"], budget=BUDGET)) / "manifest.json")
+                                  .read_text())
+            assert t["buffer_rows"] == manifest["decoder"]["cache_tokens"]
+        want = _expected_traffic(r["method"], r["prompt_tokens"], t["buffer_rows"], 4)
+        assert (t["before_copy_bytes"], t["after_write_bytes"], t["after_read_bytes"]) == \
+            (want["before"], want["write"], want["read"]), r["method"]
+        assert t["before_copy_read_bytes"] + t["before_copy_write_bytes"] == t["before_copy_bytes"]
+        assert t["after_write_bytes"] * 10 < t["before_copy_bytes"]
+    by_method = summary["kv_traffic_per_decode_step"]
+    assert set(by_method) == set(METHODS) and all(t["backend"] == "onnxruntime" for t in by_method.values())
+    assert by_method["reroute"]["before_copy_bytes"] < by_method["none"]["before_copy_bytes"]  # fewer rows cached
+    assert "reroute: KV cache traffic removed: " in md and " KB/step (one new row per layer)" in md
 
 
 def test_run_bench_torch_only_without_export() -> None:
@@ -131,6 +168,24 @@ def test_bad_input_is_one_line_user_error(kwargs, message) -> None:
     with pytest.raises(UserError, match=message) as e:
         bench_run.run_bench(**call)
     assert "\n" not in str(e.value)
+
+
+def test_kv_traffic_by_hand() -> None:
+    """Two stages (layers 0-1 keep all 10 visual tokens, layers 2-3 keep 4) after a 16-token
+    prompt: 16 and 10 cache rows; one K+V row of a layer is 2 * 2 heads * 8 dims * 2 bytes."""
+    from reroute_export.plan import RoutingPlan, Stage
+
+    plan = RoutingPlan("pdrop", 4, 10, (Stage(2, 4, 0.4),))
+    t = traffic.kv_traffic(plan, 2, 8, 16, 2, [20, 14], "test")
+    row = 2 * 2 * 8 * 2
+    assert t["prompt_rows"] == [16, 10] and t["buffer_rows"] == [20, 14]
+    assert t["before_copy_read_bytes"] == (16 + 16 + 10 + 10) * row
+    assert t["before_copy_write_bytes"] == t["before_attention_read_bytes"] == (17 + 17 + 11 + 11) * row
+    assert t["after_write_bytes"] == 4 * row and t["after_read_bytes"] == (20 + 20 + 14 + 14) * row
+    line = traffic.traffic_line("pdrop", t)
+    assert line.startswith("pdrop: KV cache traffic removed: 6.91 KB/step") and "→ 256 B/step" in line
+    with pytest.raises(ValueError):
+        traffic.kv_traffic(plan, 2, 8, 16, 2, [20], "test")
 
 
 def test_percentile_matches_numpy() -> None:

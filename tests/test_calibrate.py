@@ -1,5 +1,9 @@
 """`calibrate`: the shipped calibration set, recipes, and INT8 QDQ artifacts of both tiny
-families (real exported fp32 artifacts, calibrated with routing active, run by ONNX Runtime)."""
+families (real exported fp32 artifacts, calibrated with routing active, run by ONNX Runtime).
+
+The artifacts are segmented (rewrite/segments.py): vision, segment.s, head.j, route.j. Every
+segment and head is calibrated on prefill and decode rows and quantized under its own file
+name; the weight-free routing graphs are copied float, byte for byte."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import pytest
 from conftest import tiny_artifact
 from reroute_export.quantize import calibration_set, fp8, recipes, run as quantize_run
 from reroute_export.quantize import cli as quantize_cli
+from reroute_export.quantize.feeds import FeedStore, record_feeds
+from reroute_export.quantize.select import name_nodes, select_nodes
 from reroute_export.errors import UserError
 from reroute_export import contract as C
 from reroute_export.export.artifact import read_manifest
@@ -66,7 +72,9 @@ def test_default_recipes_load(precision: str) -> None:
     r = recipes.load_recipe(None, precision)
     assert r.name == f"{precision}-default" and r.precision == precision
     assert r.samples <= len(calibration_set.load_calibration_set()) and r.decode_steps >= 1
-    assert set(r.graphs) == set(recipes.ROLES) and r.q("op_types") == ["MatMul", "Gemm"]
+    assert r.graphs == list(recipes.KINDS) == ["vision", "segment", "head"] and r.q("op_types") == ["MatMul", "Gemm"]
+    assert r.selects("segment.0") and r.selects("head.3") and r.selects("vision.b1")
+    assert not r.selects("route.0") and not r.selects("route.0.b1")  # never, whatever the recipe says
 
 
 def test_recipe_errors(tmp_path: Path) -> None:
@@ -81,6 +89,18 @@ def test_recipe_errors(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"precision": "int8", "quantizer": {"bogus": 1}}))
     with pytest.raises(UserError, match="unknown quantizer"):
         recipes.load_recipe(str(bad), "int8")
+    for graphs, message in ((["vision", "prefill", "decode"], "'prefill' is not a graph any more"),
+                            (["route"], r"'route' cannot be quantized \(weight-free routing graph"),
+                            (["segment", "route.1"], "'route.1' cannot be quantized"),
+                            (["segments"], "unknown graph 'segments'"), (["vision.0"], "unknown graph"),
+                            ([], "non-empty list"), ("vision", "non-empty list")):
+        bad.write_text(json.dumps({"precision": "int8", "graphs": graphs}))
+        with pytest.raises(UserError, match=message):
+            recipes.load_recipe(str(bad), "int8")
+    bad.write_text(json.dumps({"precision": "int8", "graphs": ["segment.2", "head.0", "vision.b1"]}))
+    r = recipes.load_recipe(str(bad), "int8")
+    assert [x for x in ("segment.1", "segment.2", "head.0", "head.1", "vision", "vision.b1") if r.selects(x)] == \
+        ["segment.2", "head.0", "vision.b1"]
 
 
 # ---------------------------------------------------------------- int8 on both tiny families
@@ -98,28 +118,38 @@ def qroot(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("calibrated"))
 
 
+def _kind(role: str) -> str:
+    return role.split(".")[0]
+
+
 def test_int8_qdq_artifact(family: str, qroot: str) -> None:
     src = tiny_artifact(family)
     before = read_manifest(src)  # the fp32 artifact is read-only: unchanged afterwards
     out = _calibrated(family, qroot)
     m = read_manifest(out)  # every file hashed and present
     assert m["precision"] == "int8" and m["family"] == family and m["plan"] == before["plan"]
-    for name in (C.VISION, C.PREFILL, C.DECODE):
+    assert m["graphs"] == before["graphs"] and m["decoder"] == before["decoder"]  # same roles, same file names
+    kinds = {_kind(r) for r in m["graphs"]}
+    assert kinds == {"vision", "segment", "head", "route"}
+    for role, name in m["graphs"].items():
         model = onnx.load(out / name)
         onnx.checker.check_model(model, full_check=True)
         ops = {n.op_type for n in model.graph.node}
-        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+        if _kind(role) == "route":
+            # routing stays float and intact: the very fp32 file, reroute ops and their local functions
+            assert (out / name).read_bytes() == (src / name).read_bytes(), role
+            assert not ops & {"QuantizeLinear", "DequantizeLinear"}, role
+            assert {n.op_type for n in model.graph.node if n.domain == "reroute"} == {"SelectVisual", "RouteGather"}
+            assert {f.name for f in model.functions} == {"SelectVisual", "RouteGather"}
+            continue
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, role
+        assert (out / name).read_bytes() != (src / name).read_bytes(), role
         assert model.ir_version == C.IR_VERSION
         # only MatMul/Gemm inputs are quantized: every DQ output feeds one of them
         dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
         users = {n.op_type for n in model.graph.node if dq_out & set(n.input)}
-        assert users <= {"MatMul", "Gemm"}, (name, users)
-    prefill = onnx.load(out / C.PREFILL)
-    # routing stays float and intact: the reroute ops and their local functions are there
-    routing = [n for n in prefill.graph.node if n.domain == "reroute"]
-    assert {n.op_type for n in routing} == {"SelectVisual", "RouteGather", "RouteScatter"}
-    assert {f.name for f in prefill.functions} == {"SelectVisual", "RouteGather", "RouteScatter"}
-    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for f in prefill.functions for n in f.node)
+        assert users <= {"MatMul", "Gemm"}, (role, users)
+        assert not any(n.domain == "reroute" for n in model.graph.node), role  # routing lives in route.j only
     # non-graph files are the fp32 artifact's
     assert (out / C.EMBEDDINGS).read_bytes() == (src / C.EMBEDDINGS).read_bytes()
     assert (out / C.PREPROCESSOR).is_dir()
@@ -131,17 +161,39 @@ def test_int8_manifest_records_quantization_and_parity(family: str, qroot: str) 
     q = m["quantization"]
     assert q["library"] == "onnxruntime" and q["version"] and q["format"] == "QDQ"
     assert q["recipe"]["name"] == "int8-default"
-    assert len(q["calibration"]["samples"]) == q["recipe"]["samples"]
+    samples_n = q["recipe"]["samples"]
+    assert len(q["calibration"]["samples"]) == samples_n
     assert all(s["licence"] in LICENCES for s in q["calibration"]["samples"])
-    assert q["calibration"]["routing_active"] is True
-    feeds = q["calibration"]["feeds"]
-    assert feeds["prefill"] == q["recipe"]["samples"] and feeds["decode"] > feeds["prefill"]
-    pre = q["graphs"]["prefill"]
-    assert pre["quantized_nodes"] > 0 and pre["QuantizeLinear"] > 0
-    reasons = {e["reason"] for e in pre["excluded_nodes"]}
-    assert "activation x activation (attention or routing scores)" in reasons and "LM head (logits)" in reasons
-    assert any("lm_head" == e["module"] for e in pre["excluded_nodes"])
-    assert any("SelectVisual" in r for r in pre["kept_float_routing"])
+    cal = q["calibration"]
+    assert cal["routing_active"] is True
+    assert cal["prefill_runs"] == samples_n and samples_n <= cal["decode_steps"] <= samples_n * q["recipe"]["decode_steps"]
+    roles = list(m["graphs"])
+    segments = [r for r in roles if _kind(r) == "segment"]
+    heads = [r for r in roles if _kind(r) == "head"]
+    routes = [r for r in roles if _kind(r) == "route"]
+    assert len(segments) == len(m["plan"]["stages"]) + 1 == len(heads) + 1 == len(routes) + 1
+    # segments and heads saw one feed per prefill and one per decode step; routes none (not quantized)
+    assert set(cal["feeds"]) == {"vision", *segments, *heads}
+    assert cal["feeds"]["vision"] == samples_n
+    assert all(cal["feeds"][r] == cal["prefill_runs"] + cal["decode_steps"] for r in segments + heads)
+    assert set(q["graphs"]) == set(roles)
+    for role in routes:
+        g = q["graphs"][role]
+        assert g["quantized"] is False and "decisions are exact" in g["reason"]
+        assert any("SelectVisual" in r for r in g["kept_float_routing"])
+    last = q["graphs"][segments[-1]]
+    for role in segments + heads:
+        g = q["graphs"][role]
+        assert g["quantized"] is True and g["quantized_nodes"] > 0 and g["QuantizeLinear"] > 0, role
+        reasons = {e["reason"] for e in g["excluded_nodes"]}
+        # the LM head is in the last segment only, and stays float there
+        assert ("LM head (logits)" in reasons) == (role == segments[-1]), role
+        if _kind(role) == "segment":
+            assert "activation x activation (attention or routing scores)" in reasons
+        else:  # q/k/v projections, all quantized by default
+            assert g["quantized_nodes"] == 3 and not g["excluded_nodes"]
+    assert any("lm_head" == e["module"] for e in last["excluded_nodes"] if e["reason"] == "LM head (logits)")
+    assert m["opset"] == C.OPSET
 
     p = m["calibration_parity"]
     assert p["measured"] is True and p["providers"] == ["CPUExecutionProvider"]
@@ -154,6 +206,78 @@ def test_int8_manifest_records_quantization_and_parity(family: str, qroot: str) 
     assert p["logits_cosine_min"] > 0.95 and p["vision_cosine_min"] > 0.99
     assert np.mean([s["overlap_mean"] for s in p["stages"]]) > 0.75
     assert 0.0 <= p["token_agreement_mean"] <= 1.0 and isinstance(p["passed"], bool)
+
+
+def test_feeds_cover_prefill_and_decode_and_read_back_exactly(tmp_path: Path) -> None:
+    """One recording pass: each segment/head gets the prefill's rows, then one row per decode
+    step against the full fixed buffers; the store keeps a buffer's valid rows only and gives
+    back, bit for bit, what the graph received."""
+    art = OrtArtifact.load(tiny_artifact("llava"), ["CPUExecutionProvider"], verify=False)
+    path, prompt = samples()[0]
+    x = art.prepare(load_image(path), prompt)
+    seg, head = C.segment(2), C.head(1)
+    with art.recording(seg) as direct, art.recording(head) as direct_head:
+        art.generate(x, 3)  # prefill + 2 decode steps
+    direct = [{k: v.copy() for k, v in f.items()} for f in direct]
+    store = FeedStore(tmp_path / "feeds")
+    runs = record_feeds(art, [x], [seg, head, C.VISION.removesuffix(".onnx")], 2, store)
+    assert runs == {"prefill_runs": 1, "decode_steps": 2}
+    assert store.count(seg) == store.count(head) == 3 and store.count("vision") == 1 and store.count(C.route(1)) == 0
+    got = list(store.feeds(seg))
+    assert [f[C.HIDDEN].shape[1] for f in got][1:] == [1, 1] and got[0][C.HIDDEN].shape[1] > 1
+    cache = art.shapes["cache_tokens"][2]
+    layer = art.plan.segments[2][0]
+    assert [f[C.past(layer, "key")].shape[2] for f in got] == [1, cache, cache]  # prefill: the one-row dummy
+    assert [int(f[C.PAST_LENGTH][0]) for f in got][1:] == [int(got[1][C.PAST_LENGTH][0]) + i for i in range(2)]
+    for a, b in zip(got, direct):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    for a, b in zip(store.feeds(head), direct_head):
+        assert np.array_equal(a[C.HIDDEN], b[C.HIDDEN])
+    # decode buffers are stored compact: their valid rows, not all M_s
+    with np.load(tmp_path / "feeds" / seg / "000002.npz") as z:
+        assert z[C.past(layer, "key")].shape[2] == int(got[2][C.PAST_LENGTH][0]) < cache
+
+
+def test_routing_projections_float_keeps_the_heads_q_and_k_float() -> None:
+    """`routing_projections: float`: head.j's q_proj and k_proj (what route.j scores) stay float, v_proj not."""
+    src = tiny_artifact("llava")
+    graphs = read_manifest(src, verify=False)["graphs"]
+    rec = recipes.load_recipe(None, "int8")
+    model = onnx.load(src / graphs[C.head(0)])
+    name_nodes(model)
+    assert len(select_nodes(model, C.head(0), rec)[0]) == 3
+    rec.quantizer["routing_projections"] = "float"
+    chosen, excluded = select_nodes(model, C.head(0), rec)
+    assert len(chosen) == 1 and "v_proj" in (chosen[0] + str([n.metadata_props for n in model.graph.node
+                                                                if n.name == chosen[0]]))
+    assert sorted(e["module"].rsplit(".", 1)[-1] for e in excluded) == ["k_proj", "q_proj"]
+    assert {e["reason"] for e in excluded} == {"projection feeding the routing scores"}
+    seg = onnx.load(src / graphs[C.segment(1)])
+    name_nodes(seg)
+    assert select_nodes(seg, C.segment(1), rec)[0] == select_nodes(seg, C.segment(1), recipes.load_recipe(None, "int8"))[0]
+
+
+def test_recipe_of_one_graph_kind_copies_the_rest(tmp_path: Path) -> None:
+    src = tiny_artifact("llava")
+    base = json.loads((CALIBRATION / "recipes/int8-default.json").read_text())
+    recipe = tmp_path / "heads.json"
+    recipe.write_text(json.dumps({**base, "name": "heads", "samples": 1, "decode_steps": 1, "graphs": ["head"],
+                                  "parity": {"tokens": 2}}))
+    m = quantize_run.calibrate(src, tmp_path / "q", "int8", recipe=str(recipe), quiet=True)
+    for role, name in m["graphs"].items():
+        same = (tmp_path / "q" / name).read_bytes() == (src / name).read_bytes()
+        assert same == (_kind(role) != "head"), role
+        g = m["quantization"]["graphs"][role]
+        assert g["quantized"] == (_kind(role) == "head")
+        if _kind(role) in ("vision", "segment"):
+            assert g["reason"] == "not among the recipe's graphs"
+    assert set(m["quantization"]["calibration"]["feeds"]) == {r for r in m["graphs"] if _kind(r) == "head"}
+    recipe.write_text(json.dumps({**base, "graphs": ["segment.9"]}))
+    with pytest.raises(UserError, match=r"names graph segment\.9, which .* does not have \(its graphs: vision, segment\.0"):
+        quantize_run.calibrate(src, tmp_path / "q2", "int8", recipe=str(recipe), quiet=True)
+    assert not (tmp_path / "q2").exists()
 
 
 def test_int8_artifact_runs_in_onnxruntime(family: str, qroot: str) -> None:
@@ -199,7 +323,9 @@ def test_cli_registration_and_json(tmp_path: Path, capsys) -> None:
     printed = json.loads(capsys.readouterr().out)
     assert printed["quantization"]["recipe"]["name"] == "quick"
     assert code == (0 if printed["calibration_parity"]["passed"] else 1)
-    assert read_manifest(out)["quantization"]["calibration"]["feeds"]["prefill"] == 2
+    cal = read_manifest(out)["quantization"]["calibration"]
+    assert cal["prefill_runs"] == 2 and cal["decode_steps"] == 2  # the first decode step always runs
+    assert cal["feeds"]["vision"] == 2 and cal["feeds"][C.segment(0)] == cal["feeds"][C.head(0)] == 4
     with pytest.raises(SystemExit):
         parser.parse_args(["calibrate", "--artifact", "a", "--precision", "int4", "--output", "b"])
 

@@ -13,7 +13,8 @@ Backends (runtime.BACKENDS, each a runtime.base.Runtime):
     torch         the eager reference, runtime.eager.EagerRuntime (routing.RoutedModel)
     torch-static  the export's static-shape modules, runtime.torch_static (CUDA graphs on a GPU)
     onnxruntime   the artifact `pipeline.export_artifact` writes, run by
-                  `runtime.OrtArtifact` on CPU (the vision, prefill and decode graphs)
+                  `runtime.OrtArtifact` on CPU (the vision graph, then the segment, head
+                  and routing graphs over fixed per-layer KV buffers: runtime/segmented.py)
     tensorrt      where TensorRT and a GPU are present: the same artifact exported with
                   --target trt, its engines run by `runtime.trt.TrtArtifact` (KV caches
                   stay on the GPU); elsewhere every record says "skipped: ..." (never faked)
@@ -32,10 +33,17 @@ Peak memory (`peak_mem_mb`) is RSS, not tracemalloc (torch and ONNX Runtime allo
 outside Python's allocator): the peak RSS growth during the memory pass over the RSS
 just before it, after glibc's malloc_trim and with VmHWM reset via /proc/self/clear_refs.
 It counts activations, KV caches and runtime arenas; weights are `weights_rss_mb`
-(ONNX Runtime sessions; the torch model is shared by every torch record).
+(ONNX Runtime sessions; the torch model is shared by every torch record). `peak_rss_mb`
+is the process's own peak RSS (VmHWM) in that pass: everything the bench process holds.
+
+KV-cache traffic per decode step (`kv_traffic_per_decode_step`, per record and per method
+in the summary; traffic.py): the bytes the fixed buffers move (one new row written per
+layer, the M_s-row buffers read by attention) against the concat layout they replaced (a
+copy of the whole cache per layer per step), from the plan and the prompt length.
 
 config.py   what a run is asked for (BenchConfig), checked against the library's names
 memory.py   RSS and torch.cuda peak memory of one pass
+traffic.py  KV-cache bytes moved per decode step, fixed buffers vs the concat layout
 timing.py   Samples, percentiles, one timed pass over a runtime.base.Run
 machine.py  the machine a run was measured on
 run.py      run_bench: inputs, plans, exports, the runs per backend, records

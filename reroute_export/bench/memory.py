@@ -37,7 +37,8 @@ def rss_mb() -> float:
 
 @contextmanager
 def peak_rss() -> Iterator[list[float]]:
-    """Yields a list that receives the RSS growth (MB) peak of the block over its start.
+    """Yields a list that receives, after the block, the RSS growth peak (MB) of the block
+    over its start, then the block's peak RSS itself (MB, the whole process).
 
     Linux: VmHWM after resetting it through /proc/self/clear_refs ("5"), so the peak
     is this block's own, not the process's lifetime one.
@@ -52,7 +53,7 @@ def peak_rss() -> Iterator[list[float]]:
     yield out
     hwm = status_kb("VmHWM") if resettable else None
     peak = hwm / 1024 if hwm is not None else rss_mb()
-    out.append(max(0.0, peak - start))
+    out += [max(0.0, peak - start), max(peak, start)]
 
 
 def malloc_trim() -> None:
@@ -77,13 +78,15 @@ def _cuda_peak_mb(run: Run, work: Callable[[], T]) -> tuple[float, T]:
     return (torch.cuda.max_memory_allocated() - start) / 2**20, out
 
 
-def working_memory_mb(run: Run, work: Callable[[], T]) -> tuple[float, T]:
-    """Peak memory growth (MB) while `work` runs `run`, and what `work` returned."""
+def working_memory_mb(run: Run, work: Callable[[], T]) -> tuple[float, float, T]:
+    """While `work` runs `run`: the peak memory growth (MB; device memory for a CUDA run),
+    the process's peak RSS (MB, host), and what `work` returned."""
     gc.collect()
-    if run.cuda:  # device memory
-        return _cuda_peak_mb(run, work)
     malloc_trim()  # hand freed heap back, or an earlier pass's pages hide this one's growth
     out: Any
     with peak_rss() as peak:
-        out = work()
-    return peak[0], out
+        if run.cuda:  # device memory
+            growth, out = _cuda_peak_mb(run, work)
+        else:
+            out = work()
+    return (growth if run.cuda else peak[0]), peak[1], out

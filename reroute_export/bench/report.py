@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..check.loop import Observed, judge
+from .traffic import traffic_line
 
 TARGETS = {"fraction_of_theoretical": 0.9, "reroute_over_pdrop": 1.10, "onnxruntime_over_torch": 1.5}
 
@@ -44,6 +45,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             entry.update(reroute_over_pdrop=ratio, reroute_over_pdrop_met=ratio <= TARGETS["reroute_over_pdrop"])
         out["per_backend"][backend] = entry
     out["greedy_tokens_agree"] = _tokens_agree(records)
+    out["kv_traffic_per_decode_step"] = kv_traffic_by_method(records)
     t, st = find(records, "reroute", "torch"), find(records, "reroute", "torch-static")
     if t is not None and st is not None:
         out["static_over_eager"] = t["prefill_ms_p50"] / st["prefill_ms_p50"]
@@ -53,6 +55,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         ratio = t["prefill_ms_p50"] / o["prefill_ms_p50"]
         out["onnxruntime_over_torch"] = ratio
         out["onnxruntime_over_torch_met"] = ratio >= TARGETS["onnxruntime_over_torch"]
+    return out
+
+
+# whose record speaks for a method's KV traffic: a backend that runs the artifact's fixed buffers first
+_TRAFFIC_FROM = ("onnxruntime", "tensorrt", "torch-static", "torch")
+
+
+def kv_traffic_by_method(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, the KV-cache bytes one decode step moves (bench/traffic.py), from the
+    record of the first backend in _TRAFFIC_FROM that ran (its buffers and KV dtype)."""
+    out: dict[str, dict[str, Any]] = {}
+    rank = {b: i for i, b in enumerate(_TRAFFIC_FROM)}
+    for r in sorted(records, key=lambda r: (r.get("status") != "ok", rank.get(r["backend"], len(rank)))):
+        if "kv_traffic_per_decode_step" in r and r["method"] not in out:
+            out[r["method"]] = {"backend": r["backend"], **r["kv_traffic_per_decode_step"]}
     return out
 
 
@@ -83,7 +100,7 @@ def _tokens_agree(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 COLUMNS = ["method", "backend", "vision_ms", "prefill_ms_p50", "prefill_ms_p90", "decode_ms_per_token",
-           "peak_mem_mb", "measured_speedup", "theoretical_speedup", "prefill_tflops", "kv_cache_mib"]
+           "peak_mem_mb", "peak_rss_mb", "measured_speedup", "theoretical_speedup", "prefill_tflops", "kv_cache_mib"]
 
 
 def rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -111,6 +128,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                          f"(target <= {t['reroute_over_pdrop']}: {_met(e['reroute_over_pdrop_met'])})")
     for m, agree in summary.get("greedy_tokens_agree", {}).items():
         lines.append(f"{m}: " + "; ".join(_agree_text(k, v) for k, v in agree.items()))
+    for m, traffic in summary.get("kv_traffic_per_decode_step", {}).items():
+        lines.append(traffic_line(m, traffic) + f" [{traffic['backend']}]")
     if "static_over_eager" in summary:
         lines.append(f"reroute, torch eager / torch-static: prefill {summary['static_over_eager']:.2f}x, "
                      f"decode {summary['static_over_eager_decode']:.2f}x")

@@ -19,6 +19,7 @@ from .config import DEFAULT_BACKENDS, DEFAULT_METHODS, DTYPES, BenchConfig, chec
 from .memory import rss_mb, working_memory_mb
 from .report import add_measured_speedup, agreement
 from .timing import Samples, timed_pass
+from .traffic import kv_traffic
 
 if TYPE_CHECKING:
     from ..progress import Steps
@@ -42,6 +43,7 @@ class _Bound:
     run: Run
     weights_rss_mb: float | None = None  # None: shared by every record of the backend (the torch model)
     extra: dict[str, Any] = field(default_factory=dict)
+    layout: Any = None  # runtime/segmented.Layout: the fixed KV buffers (None: the eager engine's own cache)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class _Measured:
     memory_pass: Greedy  # the untimed pass's tokens, margins and decisions
     weights_rss_mb: float | None
     extra: dict[str, Any]
+    layout: Any = None
 
 
 # ---------------------------------------------------------------- inputs, plans, artifacts
@@ -165,7 +168,8 @@ def _torch_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any
         return {m: _Bound(rt, rt.bind(x)) for m, rt in runtimes.items()}
     with steps.step("torch-static: build" + (" and capture CUDA graphs" if cfg.device != "cpu" else "")):
         runtimes = {m: TorchStaticRuntime(loaded, plans[m], cfg.decode_tokens) for m in cfg.methods}
-        return {m: _Bound(rt, rt.bind(x)) for m, rt in runtimes.items()}
+        runs = {m: rt.bind(x) for m, rt in runtimes.items()}
+        return {m: _Bound(rt, runs[m], layout=runs[m].decoder.layout) for m, rt in runtimes.items()}
 
 
 def _artifact_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any, root: Path,
@@ -185,12 +189,13 @@ def _artifact_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: 
         run = rt.bind(inputs)  # the host side of prefill, done once: the timer holds the graphs alone
         extra = ({"providers": rt.providers, "ort_threading": f"{cfg.threads} intra-op threads per session, "
                   "per-session pools (runtime default)"} if backend == "onnxruntime" else {"kv_on_device": True})
-        bound[m] = _Bound(rt, run, rss_mb() - before, {**extra, "export_s": export_s[m]})
+        bound[m] = _Bound(rt, run, rss_mb() - before, {**extra, "export_s": export_s[m]}, layout=rt.layout)
     return bound
 
 
-def _memory_pass(run: Run, decode_tokens: int) -> tuple[float, Greedy]:
-    """One untimed vision + prefill + greedy pass: its working memory, and what it decoded."""
+def _memory_pass(run: Run, decode_tokens: int) -> tuple[float, float, Greedy]:
+    """One untimed vision + prefill + greedy pass: its working memory, the process's peak
+    RSS, and what it decoded."""
     return working_memory_mb(run, lambda: (run.vision(), greedy(run, decode_tokens + 1))[1])
 
 
@@ -201,13 +206,14 @@ def _round_robin(bound: dict[str, _Bound], cfg: BenchConfig, steps: Steps, backe
     rounds = cfg.warmup + cfg.repeats
     with steps.step(f"{backend}: memory pass"):
         for m in order:  # first run of each session/plan: arenas and caches grow here
-            peak, passes[m] = _memory_pass(bound[m].run, cfg.decode_tokens)
+            peak, rss, passes[m] = _memory_pass(bound[m].run, cfg.decode_tokens)
             samples[m].peak_mb.append(peak)
+            samples[m].peak_rss_mb.append(rss)
     for r in range(rounds):
         with steps.step(f"{backend}: {'warm-up' if r < cfg.warmup else 'timed'} round {r + 1}/{rounds}"):
             for m in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
                 timed_pass(bound[m].run, samples[m], cfg.decode_tokens, keep=r >= cfg.warmup)
-    return {m: _Measured(samples[m], passes[m], b.weights_rss_mb, {**b.extra, **b.run.details})
+    return {m: _Measured(samples[m], passes[m], b.weights_rss_mb, {**b.extra, **b.run.details}, b.layout)
             for m, b in bound.items()}
 
 
@@ -309,7 +315,38 @@ def _record_base(cfg: BenchConfig, loaded: Loaded, plan: Any, rep: dict[str, Any
                           if backend in TORCH_BACKENDS and cfg.device != "cpu" else
                           "peak RSS growth during one untimed vision+prefill+decode pass, after malloc_trim "
                           "(VmHWM reset via /proc/self/clear_refs); weights excluded (weights_rss_mb)"),
+        "peak_rss_kind": "the bench process's peak RSS (VmHWM) during the memory pass: weights, runtimes and the "
+                         "torch model every backend of the run shares included",
     }
+
+
+_ELEM_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+_BUFFERS_FROM = {"onnxruntime": "the artifact's decoder.cache_tokens", "tensorrt": "the artifact's decoder.cache_tokens",
+                 "torch-static": "torch-static's buffers: prompt + max new tokens"}
+
+
+def _itemsize(dtype: Any) -> int:
+    """A torch dtype's or a numpy dtype's bytes per element."""
+    size = getattr(dtype, "itemsize", None)
+    if isinstance(size, int):
+        return size
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _traffic(loaded: Loaded, plan: Any, backend: str, dtype: str, prompt_tokens: int, cfg: BenchConfig,
+             layout: Any) -> dict[str, Any]:
+    """KV-cache bytes one decode step moves (bench/traffic.py), at this record's KV dtype and
+    buffers; the eager engine keeps its own cache, so its record uses the buffers this run
+    needs (prompt + decode tokens)."""
+    t = loaded.spec.text
+    if layout is not None:
+        return kv_traffic(plan, t.num_kv_heads, t.head_dim, prompt_tokens, [_itemsize(d) for d in layout.kv_dtypes],
+                          layout.cache_tokens, _BUFFERS_FROM.get(backend, backend))
+    return kv_traffic(plan, t.num_kv_heads, t.head_dim, prompt_tokens, _ELEM_BYTES.get(dtype, 4),
+                      plan.cache_tokens(prompt_tokens, cfg.decode_tokens),
+                      "prompt + decode tokens" + (" (the eager engine keeps its own cache)" if backend == "torch" else ""))
 
 
 def _measured_fields(x: _Measured, agreed: dict[str, Any] | None) -> dict[str, Any]:
@@ -330,6 +367,9 @@ def _records(cfg: BenchConfig, loaded: Loaded, plans: dict[str, Any], inputs: An
     for backend in cfg.backends:
         for m in cfg.methods:
             base = _record_base(cfg, loaded, plans[m], reports[m], m, backend, inputs)
+            x = measured.get((m, backend)) if backend not in skipped else None
+            base["kv_traffic_per_decode_step"] = _traffic(loaded, plans[m], backend, base["dtype"],
+                                                          base["prompt_tokens"], cfg, x.layout if x else None)
             if backend in skipped:
                 records.append({**base, "status": skipped[backend]})
             else:

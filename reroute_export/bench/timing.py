@@ -29,6 +29,7 @@ class Samples:
     prefill_cpu_ms: list[float] = field(default_factory=list)  # process CPU time, all threads
     decode_ms: list[float] = field(default_factory=list)  # one entry per generated token
     peak_mb: list[float] = field(default_factory=list)
+    peak_rss_mb: list[float] = field(default_factory=list)  # the process's peak RSS in the memory pass
 
     def figures(self) -> dict[str, float]:
         return {
@@ -39,6 +40,7 @@ class Samples:
             "prefill_cpu_ms_p50": percentile(self.prefill_cpu_ms, 50),
             "decode_ms_per_token": percentile(self.decode_ms, 50),
             "peak_mem_mb": max(self.peak_mb),
+            "peak_rss_mb": max(self.peak_rss_mb) if self.peak_rss_mb else float("nan"),
         }
 
 

@@ -16,8 +16,6 @@ import onnxscript
 from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 
-from ..rewrite import ops as torch_ops
-
 DOMAIN = "reroute"
 VERSION = 1
 rr = onnxscript.values.Opset(DOMAIN, VERSION)
@@ -110,10 +108,15 @@ def _route_gather(x, selected, visual_start, m: int):
     return rr.RouteGather(x, selected, visual_start, m=m)
 
 
-TRANSLATIONS = {
-    torch_ops.select_visual._opoverload: _select_visual,
-    torch_ops.route_gather._opoverload: _route_gather,
-}
+def translations() -> dict:
+    """torch op -> ONNX translation, for torch.onnx's custom_translation_table. Built on call:
+    this module's functions and schemas serve torch-free code too (lint, calibrate, inspect)."""
+    from ..rewrite import ops as torch_ops
+
+    return {
+        torch_ops.select_visual._opoverload: _select_visual,
+        torch_ops.route_gather._opoverload: _route_gather,
+    }
 
 
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:

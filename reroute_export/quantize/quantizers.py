@@ -13,7 +13,6 @@ from typing import Any, Iterator
 import onnx
 
 from ..errors import UserError
-from ..export import onnx_ops
 from .feeds import FeedReader, ListReader
 from .recipes import Recipe
 
@@ -106,6 +105,8 @@ def quantize_modelopt(model: onnx.ModelProto, reader: FeedReader, excluded: list
         raise UserError("recipe asks for library modelopt, which is not installed here "
                         "(pip install 'nvidia-modelopt[onnx]' on a GPU host; it pins its own onnx/onnxruntime)"
                         ) from None
+    from ..export import onnx_ops  # here, not at import: it loads torch (the CLI registers this module)
+
     inlined = onnx_ops.inline_functions(model)  # ModelOpt sends custom-domain ops to TensorRT's EP
     src = tmp / "modelopt-input.onnx"
     onnx.save_model(inlined, src, save_as_external_data=is_large(inlined))

@@ -17,10 +17,10 @@ from .. import contract as C
 from ..export.artifact import ArtifactWriter, read_manifest, sha256_file
 from ..progress import Steps
 from .calibration_set import CalibrationSample, calibration_dir, load_calibration_set, pick
-from .feeds import FeedReader, calibration_feeds
+from .feeds import FeedReader, FeedStore, record_feeds
 from .fp8 import FP8_IR, int8_qdq_to_fp8
 from .quantizers import external_files, is_large, quantize_modelopt, quantize_onnxruntime, restore_float_consumers
-from .recipes import LIBRARIES, ROLES, Recipe, load_recipe
+from .recipes import FLOAT_KINDS, KINDS, LIBRARIES, Recipe, kind, load_recipe
 from .report import parity_report
 from .select import kept_float, module_path, name_nodes, quantized_nodes, select_nodes
 
@@ -48,11 +48,24 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
         raise UserError(f"output folder {out} exists; pass --force to replace it")
 
 
+def _graph_roles(manifest: dict[str, Any], rec: Recipe, src: Path) -> tuple[dict[str, str], list[str]]:
+    """(every role -> file of the artifact, the roles this recipe quantizes), or a one-line refusal."""
+    graphs = dict(manifest.get("graphs") or {})
+    for g in rec.graphs:
+        if g not in KINDS and g not in graphs:
+            raise UserError(f"recipe {rec.name} names graph {g}, which {src} does not have "
+                            f"(its graphs: {', '.join(graphs) or 'none'})")
+    return graphs, [role for role in graphs if rec.selects(role)]
+
+
 def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str = "int8",
               recipe: str | None = None, force: bool = False, quiet: bool = False,
               library: str | None = None, calibration_set: str | Path | None = None) -> dict[str, Any]:
     """Quantize the fp32 artifact at `artifact_dir` into `output_dir`; returns its manifest.
 
+    Every graph role of manifest["graphs"] is written under its own file name: the vision,
+    segment and head graphs the recipe names quantized (each calibrated on what it receives
+    in prefill and in decode, routing active), the routing graphs and the rest copied float.
     Never raises for a parity failure (see manifest["calibration_parity"]["passed"] and
     ["measured"]); raises UserError for inputs it cannot use.
     """
@@ -66,7 +79,8 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
             raise UserError(f"unknown library {library!r}; use one of {', '.join(LIBRARIES)}")
         rec.library = library
     _check_paths(src, out, force)
-    steps = Steps(3 + len(rec.graphs), quiet=quiet, title="calibrate")
+    graphs, quantized = _graph_roles(read_manifest(src, verify=False), rec, src)
+    steps = Steps(4 + len(quantized), quiet=quiet, title="calibrate")
     try:
         with steps.step("load the fp32 artifact and the calibration set"):
             manifest = read_manifest(src)  # every file re-hashed
@@ -77,11 +91,15 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
             chosen = pick(load_calibration_set(set_dir), rec)
             inputs = [art.prepare(load_image(s.image), s.prompt) for s in chosen]
         with ArtifactWriter(out, force=force) as w, tempfile.TemporaryDirectory(prefix="reroute-calib-") as tmp:
-            quant = _quantize_graphs(src, w.path, manifest, art, inputs, rec, steps, Path(tmp))
+            with steps.step(f"record calibration feeds of {len(quantized)} graphs "
+                            f"({len(chosen)} samples, routing active)"):
+                store = FeedStore(Path(tmp) / "feeds")
+                runs = record_feeds(art, inputs, quantized, rec.decode_steps, store)
+            quant = _quantize_graphs(src, w.path, graphs, quantized, store, rec, steps, Path(tmp))
             with steps.step("embeddings, preprocessor, manifest"):
                 shutil.copy2(src / C.EMBEDDINGS, w.path / C.EMBEDDINGS)
                 shutil.copytree(src / C.PREPROCESSOR, w.path / C.PREPROCESSOR)
-                new = _manifest(manifest, src, rec, chosen, quant, set_dir)
+                new = _manifest(manifest, src, rec, chosen, quant, runs, set_dir)
                 w.write_manifest(new)  # the runtime reads it during the parity run
             with steps.step("parity: quantized vs fp32 (ONNX Runtime, CPU)"):
                 new["calibration_parity"] = parity_report(src, w.path, precision, rec.parity_tokens)
@@ -91,37 +109,40 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
     return new
 
 
-def _copy_float(src: Path, dst: Path, graph: str) -> None:
-    """A graph the recipe keeps fp32, with its external weights (a shared file is copied once)."""
+def _copy_float(src: Path, dst: Path, graph: str) -> dict[str, Any]:
+    """A graph left in floating point, with its external weights (a shared file is copied
+    once): copied byte for byte. Returns what it holds."""
     for name in (graph, *external_files(src / graph)):
         if (src / name).is_file() and not (dst / name).exists():
             shutil.copy2(src / name, dst / name)
+    proto = onnx.load(src / graph, load_external_data=False)
+    return {"kept_float_routing": kept_float(proto), "ir_version": proto.ir_version,
+            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))}
 
 
-def _quantize_graphs(src: Path, dst: Path, manifest: dict[str, Any], art: Any, inputs: list[Any], rec: Recipe,
-                     steps: Steps, tmp: Path) -> dict[str, Any]:
-    """Every role's graph quantized (or copied, where the recipe leaves it fp32): what each holds."""
-    graphs = {**{r: n for r, n in zip(ROLES, (C.VISION, C.PREFILL, C.DECODE))}, **manifest.get("graphs", {})}
+def _quantize_graphs(src: Path, dst: Path, graphs: dict[str, str], quantized: list[str], store: FeedStore,
+                     rec: Recipe, steps: Steps, tmp: Path) -> dict[str, Any]:
+    """Every role's graph quantized, or copied float: routing graphs always (recipes.FLOAT_KINDS),
+    others where the recipe leaves them out. What each holds, by role."""
     quant: dict[str, Any] = {}
-    for role in ROLES:
-        if role not in rec.graphs:
-            _copy_float(src, dst, graphs[role])
-            quant[role] = {"quantized": False}
+    for role, name in graphs.items():
+        if role not in quantized:
+            why = FLOAT_KINDS.get(kind(role), "not among the recipe's graphs")
+            quant[role] = {"quantized": False, "reason": why, **_copy_float(src, dst, name)}
             continue
         with steps.step(f"{role} graph: calibrate (routing active) and quantize ({rec.library}, {rec.precision})"):
-            quant[role] = _quantize_graph(src / graphs[role], dst / graphs[role], role, art, inputs, rec, tmp)
+            quant[role] = _quantize_graph(src / name, dst / name, role, store, rec, tmp)
     return quant
 
 
-def _quantize_graph(src: Path, dst: Path, role: str, art: Any, inputs: list[Any], rec: Recipe,
-                    tmp: Path) -> dict[str, Any]:
+def _quantize_graph(src: Path, dst: Path, role: str, store: FeedStore, rec: Recipe, tmp: Path) -> dict[str, Any]:
     from ..export.decoder import save
 
     model = onnx.load(src)
     name_nodes(model)
     nodes, excluded = select_nodes(model, role, rec)
-    reader = FeedReader(calibration_feeds(art, inputs, role, rec.decode_steps))
-    staged = tmp / f"{role}.quant.onnx"
+    reader = FeedReader(store.feeds(role))
+    staged = tmp / f"{role}.quant.onnx"  # role names carry dots only: safe file names
     if rec.library == "modelopt":
         quantize_modelopt(model, reader, [e["node"] for e in excluded], rec, staged, tmp)
     else:
@@ -156,7 +177,7 @@ def _quantize_graph(src: Path, dst: Path, role: str, art: Any, inputs: list[Any]
 
 
 def _manifest(src_manifest: dict[str, Any], src: Path, rec: Recipe, chosen: list[CalibrationSample],
-              quant: dict[str, Any], set_dir: Path) -> dict[str, Any]:
+              quant: dict[str, Any], runs: dict[str, int], set_dir: Path) -> dict[str, Any]:
     from ..pipeline import versions
 
     new = copy.deepcopy(src_manifest)
@@ -179,7 +200,8 @@ def _manifest(src_manifest: dict[str, Any], src: Path, rec: Recipe, chosen: list
                 "samples": [{"file": s.entry["file"], "prompt": s.prompt, "licence": s.entry["licence"],
                              "sha256": s.entry["sha256"]} for s in chosen],
                 "routing_active": True,
-                "feeds": {role: v.get("feeds", 0) for role, v in quant.items()},
+                "feeds": {role: v["feeds"] for role, v in quant.items() if v.get("quantized")},
+                **runs,  # prefill_runs, decode_steps: segments and heads saw both
             },
             "graphs": {role: {k: v for k, v in q.items() if k != "nodes"} for role, q in quant.items()},
             "source_artifact": {"path": str(src), "model": src_manifest.get("model"),

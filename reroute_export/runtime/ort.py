@@ -73,7 +73,7 @@ def _threads() -> int:
         raise UserError(f"{THREADS_ENV} must be an integer, got {threads!r}") from None
 
 
-def _session_options(spin: bool = True) -> ort.SessionOptions:
+def _session_options(spin: bool = True, fp16_on_cpu: bool = False) -> ort.SessionOptions:
     """Per-session options; `spin=False` for graphs that run once per request.
 
     Each session has its own intra-op pool whose workers spin after a run. The vision
@@ -88,6 +88,16 @@ def _session_options(spin: bool = True) -> ort.SessionOptions:
     opts.intra_op_num_threads = _threads()
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if fp16_on_cpu:
+        # The CPU provider has no fp16 MatMul here: ORT wraps fp16 nodes in Casts, and any
+        # graph optimisation level turns every weight's Cast into an fp32 copy at load (2x the
+        # stored bytes: a 7B fp16 artifact needs 27 GB). With optimisations off the weights stay
+        # fp16 in memory and each node casts its own weight when it runs (BENCHMARKS.md).
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # ...but the default topological order runs every weight's Cast first (they depend on
+        # nothing), so all of a segment's fp32 copies are alive at once; priority order casts
+        # each weight just before its MatMul (7B segment of 1.8 GB: peak 3.5 -> 2.2 GB).
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return opts
 
 
@@ -100,10 +110,11 @@ class Graph:
     """One ORT session fed by name, each input cast to the element type the graph declares
     (fp32 or fp16 graphs take the same host arrays)."""
 
-    def __init__(self, path: Path, providers: list[str], spin: bool = True) -> None:
+    def __init__(self, path: Path, providers: list[str], spin: bool = True, fp16: bool = False) -> None:
         self.name = path.name
+        opts = _session_options(spin, fp16_on_cpu=fp16 and providers[0] == "CPUExecutionProvider")
         try:
-            self.session = ort.InferenceSession(str(path), _session_options(spin), providers=providers)
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # noqa: BLE001  (ORT raises its own exception zoo)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load {path}: {first}") from None
@@ -191,7 +202,8 @@ class OrtArtifact:
         if "decoder" not in manifest or C.segment(0) not in manifest.get("graphs", {}):
             raise UserError(f"artifact {folder} has no segment graphs (an earlier layout); re-export it")
         providers = providers or default_providers()
-        graphs = {role: Graph(folder / name, providers, spin=role != "vision")
+        fp16 = manifest.get("precision") == "fp16"
+        graphs = {role: Graph(folder / name, providers, spin=not role.startswith("vision"), fp16=fp16)
                   for role, name in manifest["graphs"].items()}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])

@@ -1,23 +1,30 @@
 """Run an artifact's TensorRT engines: the OrtArtifact contract with engines instead of sessions.
 
-`TrtArtifact` subclasses `OrtArtifact` and replaces only the three graph runners, so the
-host side (input checks, embedding lookup, image-slot writes, position ids, the greedy
-decode loop, `trace`) is the very code the ONNX Runtime path runs: a parity difference
-between the two can only come from the engines.
+`TrtArtifact` subclasses `OrtArtifact` and replaces only the graph runners, so the host side
+(input checks, embedding lookup, image-slot writes, position ids, runtime/segmented's prefill
+and decode flow over the segment, head and routing graphs, the greedy loop, `trace`) is the
+very code the ONNX Runtime path runs: a parity difference between the two can only come
+from the engines.
 
-Each `TrtGraph` has `OrtArtifact.Graph`'s duck type (`dtype(name)`, `__call__(feeds) ->
-outputs`): per call it sets every input's shape on the execution context
-(`set_input_shape`), asks TensorRT for the output shapes (`get_tensor_shape`), allocates
-them as torch CUDA tensors, binds addresses (`set_tensor_address`) and runs
-`execute_async_v3` on its own torch CUDA stream. By default outputs come back as numpy
-(the OrtArtifact contract, KV caches included); `device_kv=True` keeps the per-layer
-caches on the GPU between decode steps (torch CUDA tensors in `prefill()["kv"]`), which
-is what a benchmark wants.
+One engine per graph role of manifest["graphs"] (build/trt.py), each a `TrtGraph` with
+`ort.Graph`'s duck type (`dtype(name)`, `input_types`, `__call__(feeds) -> outputs`), called
+through the same `call(role, feeds)` that runtime/segmented.Decoder drives. Per call it picks
+the engine's optimization profile the input shapes fit (segment and head engines: 0 decode,
+one row against the stage's full KV buffer; 1 prefill, the prompt's rows against a one-row
+dummy buffer), switching the execution context with `set_optimization_profile_async` only
+when the profile changes (prefill runs every graph in profile 1, decode in profile 0), sets
+every input's shape (`set_input_shape`), asks TensorRT for the output shapes
+(`get_tensor_shape`), allocates them as torch CUDA tensors, binds addresses
+(`set_tensor_address`) and runs `execute_async_v3` on its own torch CUDA stream.
 
-Engines are found in manifest["trt"]["engines"] (built by `--target trt` on a GPU
-machine) or, for engines built later on the device by build_trt.sh, in build_plan.json.
-`tensorrt` and CUDA are needed only here, imported lazily; without them `load` fails with
-one line.
+By default outputs come back as numpy (the OrtArtifact contract) and the fixed KV buffers
+live on the host, uploaded per call; `device_kv=True` allocates the buffers on the GPU once
+(torch CUDA tensors in the `Cache`) and keeps each segment's new rows there, so a decode step
+moves one token's worth of data: what a benchmark wants.
+
+Engines are found in manifest["trt"]["engines"] (built by `--target trt` on a GPU machine)
+or, for engines built later on the device by build_trt.sh, in build_plan.json. `tensorrt`
+and CUDA are needed only here, imported lazily; without them `load` fails with one line.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ from .. import contract as C
 from ..export.artifact import read_manifest
 from .ort import MANIFEST_KEYS, OrtArtifact
 from .processor import ArtifactProcessor
+from .segmented import Arrays, Decoder
 
-GRAPHS = ("vision", "prefill", "decode")
-KV_PREFIX = C.present(0, "key").removesuffix("0.key")  # "present.": outputs kept on the GPU with device_kv
+KV_PREFIX = C.new(0, "key").removesuffix("0.key")  # "new.": segment outputs kept on the GPU with device_kv
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
                  "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 
@@ -54,8 +61,10 @@ def _import_tensorrt() -> tuple[Any, Any]:
 
 
 def engine_files(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
-    """Engine file per graph: from the manifest when the exporter built them, else from the
-    build plan (engines built on the device by build_trt.sh)."""
+    """Engine file per graph role: from the manifest when the exporter built them, else from the
+    build plan (engines built on the device by build_trt.sh), else the names the plan gives."""
+    from ..build.trt import engine_file
+
     rec = manifest.get("trt") or {}
     if rec.get("built") and isinstance(rec.get("engines"), dict):
         return {g: e["engine"] for g, e in rec["engines"].items()}
@@ -63,7 +72,21 @@ def engine_files(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         return {g: e["engine"] for g, e in plan.get("engines", {}).items()}
-    return {g: f"{g}.engine" for g in GRAPHS}
+    return {role: engine_file(role) for role in manifest.get("graphs", {})}
+
+
+class DeviceArrays(Arrays):
+    """runtime/segmented's allocations with the KV buffers as torch tensors on `device` (allocated
+    once per run, written in place with the engines' device outputs); positions, indices and the
+    write-back buffer stay host numpy, as the other graphs' feeds and outputs do."""
+
+    def __init__(self, torch: Any, device: Any) -> None:
+        self.torch, self.device = torch, device
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """`dtype`: the numpy type the segment declares for the buffer (float32 for a bf16 one,
+        which the engine then casts per call)."""
+        return self.torch.zeros(shape, dtype=getattr(self.torch, np.dtype(dtype).name), device=self.device)
 
 
 class TrtGraph:
@@ -74,7 +97,7 @@ class TrtGraph:
         self.name = path.name
         self._trt, self._torch, self.stream = trt, torch, stream
         self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
-        self.device_outputs = device_outputs  # output name prefixes returned as torch CUDA tensors
+        self.device_outputs = device_outputs  # output name prefixes returned as torch device tensors
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise UserError(f"TensorRT {trt.__version__} cannot load {path}: engines only load with the TensorRT "
@@ -88,6 +111,42 @@ class TrtGraph:
         self.output_names = [n for n in names if n not in self.inputs]
         self._types = {n: engine.get_tensor_dtype(n) for n in names}
         self._shape_inputs = {n for n in self.inputs if engine.is_shape_inference_io(n)}
+        self.profiles = self._profile_ranges()
+        self.profile = 0  # a new context starts in profile 0
+
+    def _profile_ranges(self) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+        """Per optimization profile, each shape input's (min, max) (static inputs are absent)."""
+        count = int(getattr(self.engine, "num_optimization_profiles", 1) or 1)
+        if count == 1:
+            return [{}]  # nothing to choose: set_input_shape checks the one profile
+        out = []
+        for i in range(count):
+            ranges = {}
+            for name in self.inputs:
+                if name in self._shape_inputs:
+                    continue
+                lo, _, hi = self.engine.get_tensor_profile_shape(name, i)
+                ranges[name] = (tuple(int(d) for d in lo), tuple(int(d) for d in hi))
+            out.append(ranges)
+        return out
+
+    def select_profile(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """The first profile (in index order: decode before prefill) all input shapes fit."""
+        for i, ranges in enumerate(self.profiles):
+            if all(len(shapes[n]) == len(lo) and all(a <= d <= b for d, a, b in zip(shapes[n], lo, hi))
+                   for n, (lo, hi) in ranges.items()):
+                return i
+        wanted = {n: list(s) for n, s in shapes.items() if any(n in r for r in self.profiles)}
+        raise RuntimeError(f"{self.name}: input shapes {wanted} fit none of the engine's {len(self.profiles)} "
+                           "optimization profiles (decode: one row, the full KV buffer; prefill: the prompt's "
+                           "rows, a one-row buffer)")
+
+    def _use_profile(self, index: int) -> None:
+        if index == self.profile:
+            return
+        if not self.context.set_optimization_profile_async(index, self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT could not switch {self.name} to optimization profile {index}")
+        self.profile = index
 
     def _np_dtype(self, name: str) -> np.dtype:
         t = self._types[name]
@@ -104,6 +163,10 @@ class TrtGraph:
     def dtype(self, name: str) -> np.dtype:
         return self._np_dtype(name)
 
+    @property
+    def input_types(self) -> dict[str, np.dtype]:
+        return {n: self._np_dtype(n) for n in self.inputs}
+
     def __call__(self, feeds: dict[str, Any]) -> dict[str, Any]:
         """Feeds the engine does not declare are dropped, as `ort.Graph` does; one it declares
         but is not given is a contract break."""
@@ -113,6 +176,8 @@ class TrtGraph:
             raise RuntimeError(f"{self.name} wants inputs {missing} that the runtime does not provide")
         keep: list[Any] = []  # every buffer bound below stays alive until the stream is synchronized
         with torch.cuda.stream(self.stream) if self.device.type == "cuda" else contextlib.nullcontext():
+            if len(self.profiles) > 1:  # before any shape is set: a switch drops the context's shapes
+                self._use_profile(self.select_profile({n: tuple(feeds[n].shape) for n in self.inputs}))
             for name in self.inputs:
                 x = feeds[name]
                 if name in self._shape_inputs:  # shape tensors are read from host memory
@@ -122,7 +187,7 @@ class TrtGraph:
                     ctx.set_input_shape(name, host.shape)
                     ctx.set_tensor_address(name, host.ctypes.data)
                     continue
-                if isinstance(x, torch.Tensor):
+                if isinstance(x, torch.Tensor):  # a KV buffer on the device: bound as it is, no copy
                     t = x.to(device=self.device, dtype=self._torch_dtype(name)).contiguous()
                 else:
                     arr = np.array(x, dtype=self._np_dtype(name), order="C")  # writable copy: feeds may be mmap views
@@ -130,7 +195,7 @@ class TrtGraph:
                 keep.append(t)
                 if not ctx.set_input_shape(name, tuple(t.shape)):
                     raise RuntimeError(f"{self.name}: input {name} of shape {tuple(t.shape)} is outside the "
-                                       "engine's optimization profile")
+                                       f"engine's optimization profile {self.profile}")
                 ctx.set_tensor_address(name, t.data_ptr())
             outputs = {}
             for name in self.output_names:
@@ -144,7 +209,8 @@ class TrtGraph:
                 raise RuntimeError(f"TensorRT failed to run {self.name} (see its log above)")
         self.stream.synchronize()
         del keep
-        return {name: t if name.startswith(self.device_outputs) else self._host(t) for name, t in outputs.items()}
+        return {name: t if self.device_outputs and name.startswith(self.device_outputs) else self._host(t)
+                for name, t in outputs.items()}
 
     def _host(self, t: Any) -> np.ndarray:
         if t.dtype == self._torch.bfloat16:
@@ -159,6 +225,17 @@ class TrtArtifact(OrtArtifact):
     backend = "tensorrt"
     keepalive: tuple[Any, ...] = ()  # TensorRT's runtime and logger: engines must not outlive them
 
+    def __init__(self, folder: Path, manifest: dict[str, Any], graphs: dict[str, Any], embed_tokens: np.ndarray,
+                 preprocessor: ArtifactProcessor, kv_arrays: Arrays | None = None) -> None:
+        super().__init__(folder, manifest, graphs, embed_tokens, preprocessor)
+        if kv_arrays is not None:  # device_kv: the fixed KV buffers on the GPU, for every image-size bucket
+            self.decoders = [Decoder(d.layout, self._call, kv_arrays, route_role=d.route_role) for d in self.decoders]
+            self.decoder = self.decoders[0]
+
+    @property
+    def providers(self) -> list[str]:
+        return ["TensorRT"]
+
     @classmethod
     def load(cls, folder: Path, providers: list[str] | None = None, *, verify: bool = True,
              device_kv: bool = False, plugin_lib: str | None = None) -> "TrtArtifact":
@@ -169,12 +246,16 @@ class TrtArtifact(OrtArtifact):
         lacking = [k for k in MANIFEST_KEYS if k not in manifest]
         if lacking:
             raise UserError(f"artifact {folder}: manifest lacks {', '.join(lacking)}; re-export it")
+        roles = list(manifest.get("graphs", {}))
+        if "decoder" not in manifest or C.segment(0) not in roles:
+            raise UserError(f"artifact {folder} has no segment graphs (an earlier layout); re-export it")
         files = engine_files(folder, manifest)
-        absent = [f for g, f in files.items() if g in GRAPHS and not (folder / f).is_file()]
-        if absent or not set(GRAPHS) <= set(files):
-            raise UserError(f"artifact {folder} has no TensorRT engines ({', '.join(absent) or 'none listed'} "
-                            "missing): build them with its build_trt.sh on the target device, or export with "
-                            "--target trt where TensorRT and a GPU are present")
+        absent = [files.get(r, r) for r in roles if r not in files or not (folder / files[r]).is_file()]
+        if absent:
+            raise UserError(f"artifact {folder} has no TensorRT engines ({', '.join(absent[:4])}"
+                            f"{' ...' if len(absent) > 4 else ''} missing of {len(roles)}): build them with its "
+                            "build_trt.sh on the target device, or export with --target trt where TensorRT and a "
+                            "GPU are present")
         plan_lib = _plan_plugin_lib(folder, manifest)
         for lib in {plugin_lib, plan_lib} - {None}:
             from ..build.trt import load_plugin_library
@@ -188,10 +269,12 @@ class TrtArtifact(OrtArtifact):
         runtime = trt.Runtime(logger)
         stream = torch.cuda.Stream()
         kv = (KV_PREFIX,) if device_kv else ()
-        graphs = {g: TrtGraph(folder / files[g], runtime, trt, torch, stream, kv) for g in GRAPHS}
+        graphs = {r: TrtGraph(folder / files[r], runtime, trt, torch, stream, kv if r.startswith("segment") else ())
+                  for r in roles}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
-        art = cls(folder, manifest, graphs, embed, pre)
+        arrays = DeviceArrays(torch, graphs[C.segment(0)].device) if device_kv else None
+        art = cls(folder, manifest, graphs, embed, pre, arrays)
         art.keepalive = (runtime, logger)
         return art
 
