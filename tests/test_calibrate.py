@@ -22,7 +22,7 @@ from conftest import tiny_artifact
 from reroute_export.quantize import calibration_set, fp8, recipes, run as quantize_run
 from reroute_export.quantize import cli as quantize_cli
 from reroute_export.quantize.feeds import FeedStore, record_feeds
-from reroute_export.quantize.select import name_nodes, select_nodes
+from reroute_export.quantize.select import module_path, name_nodes, select_nodes
 from reroute_export.errors import UserError
 from reroute_export import contract as C
 from reroute_export.export.artifact import read_manifest
@@ -250,8 +250,8 @@ def test_routing_projections_float_keeps_the_heads_q_and_k_float() -> None:
     assert len(select_nodes(model, C.head(0), rec)[0]) == 3
     rec.quantizer["routing_projections"] = "float"
     chosen, excluded = select_nodes(model, C.head(0), rec)
-    assert len(chosen) == 1 and "v_proj" in (chosen[0] + str([n.metadata_props for n in model.graph.node
-                                                                if n.name == chosen[0]]))
+    modules = {n.name: module_path(n) for n in model.graph.node}
+    assert [modules[n].rsplit(".", 1)[-1] for n in chosen] == ["v_proj"]
     assert sorted(e["module"].rsplit(".", 1)[-1] for e in excluded) == ["k_proj", "q_proj"]
     assert {e["reason"] for e in excluded} == {"projection feeding the routing scores"}
     seg = onnx.load(src / graphs[C.segment(1)])
@@ -289,6 +289,30 @@ def test_int8_artifact_runs_in_onnxruntime(family: str, qroot: str) -> None:
     for stage in art.plan.stages:
         kept = got.decisions[str(stage.layer)]
         assert len(kept) == stage.keep and kept == sorted(kept)
+
+
+def test_buckets_calibrate_every_vision_graph_and_keep_their_routing_float(tmp_path: Path) -> None:
+    """Qwen2.5-VL image-size buckets (vision.bK, route.j.bK; shared segments and heads): each
+    sample runs once per bucket, so every vision graph is calibrated and the shared graphs
+    see every bucket's visual-token count; every route.j.bK is the fp32 file."""
+    from test_buckets import bucketed
+
+    src = bucketed()
+    base = json.loads((CALIBRATION / "recipes/int8-default.json").read_text())
+    recipe = tmp_path / "quick.json"
+    recipe.write_text(json.dumps({**base, "name": "quick", "samples": 2, "decode_steps": 1, "parity": {"tokens": 2}}))
+    m = quantize_run.calibrate(src, tmp_path / "q", "int8", recipe=str(recipe), quiet=True)
+    q, cal = m["quantization"], m["quantization"]["calibration"]
+    buckets = len(m["buckets"])
+    assert buckets == 3 and cal["prefill_runs"] == 2 * buckets
+    for role, name in m["graphs"].items():
+        g = q["graphs"][role]
+        if _kind(role) == "route":
+            assert not g["quantized"] and (tmp_path / "q" / name).read_bytes() == (src / name).read_bytes(), role
+        else:
+            assert g["quantized"], role
+    assert [cal["feeds"][r] for r in ("vision", "vision.b1", "vision.b2")] == [2, 2, 2]
+    assert cal["feeds"][C.segment(0)] == cal["prefill_runs"] + cal["decode_steps"]
 
 
 # ---------------------------------------------------------------- refusals and the CLI

@@ -110,7 +110,9 @@ def test_weight_bytes_per_graph_and_each_decoder_weight_once(artifact) -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
     for role, name in manifest["graphs"].items():  # read without loading the weights, yet exact
         assert r["graphs"][role]["weights"]["bytes"] == _initializer_bytes(artifact / name), role
-        assert r["graphs"][role]["weights"]["external"] == {}  # an in-memory export: inline weights
+        external = r["graphs"][role]["weights"]["external"]  # an in-memory export: each graph's own .data file
+        assert set(external) <= {name + ".data"}, role
+        assert all(n <= (artifact / f).stat().st_size for f, n in external.items())
     w = r["weights"]
     assert w["bytes"] == w["referenced_bytes"] == sum(x["weights"]["bytes"] for x in r["graphs"].values())
     assert w["shared_bytes"] == 0 and w["embed_tokens_bytes"] == (artifact / C.EMBEDDINGS).stat().st_size

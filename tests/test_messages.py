@@ -104,7 +104,7 @@ def test_running_memory_is_the_need_not_the_workspace() -> None:
     assert abs(mem["run_gib"] - need) < 1e-12 and mem["run_gib"] < 0.01  # MiB, not 4 GiB
     assert mem["workspace_gib"] == 4.0 and mem["activations_gib"] > 0
     text = B.memory_text(mem)
-    assert text.startswith(f"running {B.size_text(mem['run_gib'])} (weights 4.6 MiB + KV cache 512.0 KiB"), text
+    assert text.startswith(f"running {B.size_text(mem['run_gib'])} (weights 4.6 MiB + KV cache 256.0 KiB"), text
     assert "workspace limit 4.00 GiB (a cap on tactic scratch space, not a need)" in text
 
 
@@ -119,7 +119,7 @@ def test_print_trt_reports_each_part(capsys) -> None:
     print_trt(rec, "out-trt/")
     out = capsys.readouterr().out
     assert "copy out-trt/ to the device" in out and "bash out-trt/build_trt.sh" in out and "//" not in out
-    # 4.6 MiB weights + 0.5 MiB KV + 1.0 MiB activations; the 4 GiB workspace only bounds the build
-    assert "running 6.1 MiB (weights 4.6 MiB" in out and "running 4.01 GiB" not in out, out
+    # 4.6 MiB weights + 0.25 MiB KV (the fixed buffers, once) + activations; the 4 GiB workspace only bounds the build
+    assert "running 5.9 MiB (weights 4.6 MiB" in out and "running 4.01 GiB" not in out, out
     assert "building up to 4.01 GiB (3 copies of the largest graph + the workspace limit)" in out
     assert "activations" in out and "workspace limit 4.00 GiB" in out

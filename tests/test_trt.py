@@ -473,7 +473,7 @@ def test_each_weight_is_in_one_engine(cli_trt) -> None:
             if _digest(t) in params:
                 holders.setdefault(params[_digest(t)], set()).add(role)
         header = onnx.load(str(out / file), load_external_data=False)
-        ranges[role] = [next(e.value for e in t.external_data if e.key == "offset")
+        ranges[role] = [tuple(e.value for e in t.external_data if e.key in ("location", "offset"))
                         for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     twice = {n: r for n, r in holders.items() if len(r) > 1}
     assert not twice, f"weights held by several graphs: {twice}"
@@ -488,7 +488,8 @@ def test_each_weight_is_in_one_engine(cli_trt) -> None:
     artifact_bytes = sum(per_graph.values())
     assert round(mem["weights_gib"] * B.GIB) == artifact_bytes
     offsets = [o for r in ranges.values() for o in r]
-    assert offsets and len(offsets) == len(set(offsets)) and mem["shared_weights_gib"] == 0  # no range in two graphs
+    assert offsets and len(offsets) == len(set(offsets)) and mem["shared_weights_gib"] == 0  # no range in 2 graphs
+    assert {loc for loc, _ in offsets} == {"weights.data"}  # the streamed export's one file
     held = sum(p.numel() * 4 for n, p in model.named_parameters() if n in holders)
     assert 0 <= artifact_bytes - held < 4096, (artifact_bytes, held)  # + rotary tables and scalar constants
     everything = sum(p.numel() * 4 for p in model.parameters())

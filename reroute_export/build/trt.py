@@ -927,7 +927,8 @@ def build_engines(folder: Path, plan: dict[str, Any], progress: Any = None) -> d
             path.write_bytes(data)
             written.append(path)
             cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
-            engines[role] = {"engine": e["engine"], "bytes": len(data), "build_s": round(time.perf_counter() - start, 3),
+            engines[role] = {"engine": e["engine"], "bytes": len(data),
+                             "build_s": round(time.perf_counter() - start, 3),
                              "profiles": [p["name"] for p in e.get("profiles", [])]}
             del serialized, data, network, parser, config  # one graph's builder state at a time
             if progress is not None:

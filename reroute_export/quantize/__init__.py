@@ -6,24 +6,29 @@ What is calibrated, and on what
     The calibration set ships in `calibration/` (photographs whose licence allows shipping,
     one prompt each, sources and licences in `calibration/manifest.json`); a recipe
     (`calibration/recipes/*.json`) says how many samples, the seed that picks and orders
-    them, how many decode steps per sample, and the quantizer settings. Every graph is
-    calibrated on the feeds the ONNX Runtime runtime itself builds for it
-    (`OrtArtifact.prefill` / `decode_step`): the vision graph on the processed photos, the
-    prefill graph on the host embedding of (prompt, fp32 image features) with the
-    unpruned model's positions, and the decode graph on real greedy decode steps whose
-    `past.*` are the fp32 prefill's per-layer caches. The routing runs inside the prefill
-    graph while it is observed, so the ranges are those of the routed model: after a
+    them, how many decode steps per sample, which graphs, and the quantizer settings.
+    Every graph role of the artifact (manifest["graphs"]: vision, segment.s, head.j,
+    route.j; buckets such as vision.b1 by their prefix) is calibrated on the feeds the ONNX
+    Runtime runtime itself builds for it (`OrtArtifact.recording`), recorded in one pass
+    over the samples (feeds.py): the vision graph on the processed photos; each segment
+    and decision head on the prefill's rows (the host embedding of (prompt, fp32 image
+    features) with the unpruned model's positions, then the rows routing kept) and on
+    real greedy decode steps (one row against the fp32 prefill's fixed KV buffers), since
+    prefill and decode run the very same segment and head graphs. The routing graphs run
+    while the others are observed, so the ranges are those of the routed model: after a
     decision only the kept visual tokens reach a layer, and that is what the layer's
     MatMuls see.
 
 What is quantized
-    Weight-bearing MatMul/Gemm only (weights per output channel, their input activations
-    per tensor, symmetric: TensorRT's explicit-quantization pattern). Left in floating
-    point: attention and routing-score MatMuls (activation x activation), the LM head
-    (by default), every `reroute` op (SelectVisual's TopK, RouteGather/RouteScatter's
-    index tensors) and everything else. The manifest lists each excluded MatMul/Gemm and
-    why. The `reroute` local functions are kept as they are (ONNX Runtime's quantizer
-    leaves nodes it does not quantize untouched), so the TensorRT plugin route still works.
+    Weight-bearing MatMul/Gemm of the vision, segment and head graphs (weights per output
+    channel, their input activations per tensor, symmetric: TensorRT's explicit-quantization
+    pattern), each written under its own file name. Left in floating point: the routing
+    graphs route.j, copied byte for byte (they hold no weights, and routing/scoring stays
+    float so decisions are exact: the fp32 TopK on whatever q/k the head gives it, never a
+    token moved across the boundary by a rounded score); attention MatMuls (activation x
+    activation); the LM head in the last segment (by default); head.j's q/k projections
+    where a recipe says `routing_projections: float`; and everything else. The manifest
+    lists each excluded MatMul/Gemm and why, and each float graph with its reason.
 
 Library: onnxruntime.quantization (`quantize_static`, QuantFormat.QDQ, MinMax calibration)
     It is already a dependency, runs on CPU, handles graphs with local functions and a
@@ -65,8 +70,8 @@ failed or could not be measured; 2 could not run (bad input, one line).
 The package, one concern per module:
 
     calibration_set.py  the shipped (or $REROUTE_EXPORT_CALIBRATION) set, checksummed; samples picked by seed
-    recipes.py          recipes (calibration/recipes/*.json) and their checks; PRECISIONS, LIBRARIES, ROLES
-    feeds.py            each graph's calibration feeds, recorded from the runtime's own host code
+    recipes.py          recipes (calibration/recipes/*.json) and their checks; PRECISIONS, LIBRARIES, KINDS
+    feeds.py            every graph's calibration feeds, recorded in one pass from the runtime's own host code
     select.py           which MatMul/Gemm nodes are quantized, and why the others are not
     quantizers.py       ONNX Runtime's quantize_static and NVIDIA ModelOpt on those feeds and nodes
     fp8.py              symmetric int8 Q/DQ rewritten to FLOAT8E4M3FN (scale = amax / 448)

@@ -69,7 +69,6 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
     Never raises for a parity failure (see manifest["calibration_parity"]["passed"] and
     ["measured"]); raises UserError for inputs it cannot use.
     """
-    from ..preprocess import load_image
     from ..runtime import OrtArtifact
 
     src, out = Path(artifact_dir), Path(output_dir)
@@ -89,7 +88,7 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
             art = OrtArtifact.load(src, ["CPUExecutionProvider"], verify=False)
             set_dir = Path(calibration_set) if calibration_set is not None else calibration_dir()
             chosen = pick(load_calibration_set(set_dir), rec)
-            inputs = [art.prepare(load_image(s.image), s.prompt) for s in chosen]
+            inputs = _calibration_inputs(art, chosen)
         with ArtifactWriter(out, force=force) as w, tempfile.TemporaryDirectory(prefix="reroute-calib-") as tmp:
             with steps.step(f"record calibration feeds of {len(quantized)} graphs "
                             f"({len(chosen)} samples, routing active)"):
@@ -107,6 +106,26 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
     finally:
         steps.close()
     return new
+
+
+def _calibration_inputs(art: Any, chosen: list[CalibrationSample]) -> list[Any]:
+    """Each sample as the artifact's preprocessor prepares it; with image-size buckets
+    (Qwen2.5-VL: vision.bK, route.j.bK), each sample once per bucket, resized to the bucket's
+    size first, so that every bucket's vision graph is calibrated on every photo and the
+    shared segments and heads see every bucket's visual-token count."""
+    import PIL.Image
+
+    from ..preprocess import load_image
+
+    buckets = tuple(getattr(art.preprocessor.images, "buckets", ()) or ())
+    out = []
+    for s in chosen:
+        image = load_image(s.image)
+        if len(buckets) > 1:
+            out += [art.prepare(image.resize((w, h), PIL.Image.Resampling.BICUBIC), s.prompt) for h, w in buckets]
+        else:
+            out.append(art.prepare(image, s.prompt))
+    return out
 
 
 def _copy_float(src: Path, dst: Path, graph: str) -> dict[str, Any]:
@@ -131,6 +150,10 @@ def _quantize_graphs(src: Path, dst: Path, graphs: dict[str, str], quantized: li
             quant[role] = {"quantized": False, "reason": why, **_copy_float(src, dst, name)}
             continue
         with steps.step(f"{role} graph: calibrate (routing active) and quantize ({rec.library}, {rec.precision})"):
+            if store.count(role) == 0:  # never ran on the calibration inputs: no range to quantize with
+                quant[role] = {"quantized": False, "reason": "no calibration feed reached it", "feeds": 0,
+                               **_copy_float(src, dst, name)}
+                continue
             quant[role] = _quantize_graph(src / name, dst / name, role, store, rec, tmp)
     return quant
 
@@ -200,7 +223,7 @@ def _manifest(src_manifest: dict[str, Any], src: Path, rec: Recipe, chosen: list
                 "samples": [{"file": s.entry["file"], "prompt": s.prompt, "licence": s.entry["licence"],
                              "sha256": s.entry["sha256"]} for s in chosen],
                 "routing_active": True,
-                "feeds": {role: v["feeds"] for role, v in quant.items() if v.get("quantized")},
+                "feeds": {role: v["feeds"] for role, v in quant.items() if "feeds" in v},
                 **runs,  # prefill_runs, decode_steps: segments and heads saw both
             },
             "graphs": {role: {k: v for k, v in q.items() if k != "nodes"} for role, q in quant.items()},

@@ -73,21 +73,18 @@ def _threads() -> int:
         raise UserError(f"{THREADS_ENV} must be an integer, got {threads!r}") from None
 
 
-def _session_options(spin: bool = True, fp16_on_cpu: bool = False) -> ort.SessionOptions:
-    """Per-session options; `spin=False` for graphs that run once per request.
-
-    Each session has its own intra-op pool whose workers spin after a run. The vision
-    session's spinning workers then compete with the prefill that runs right after it
-    (and prefill's with decode): on 2 cores that cost prefill 5-15 % and doubled the
-    vision graph's time (BENCHMARKS.md). Decode runs back to back, so it keeps spinning.
-    (A process-wide pool would be faster still, but it forces every ORT session in the
-    process, the user's own included, to use it: not a library's call to make.)
+def _session_options(fp16_on_cpu: bool = False) -> ort.SessionOptions:
+    """Per-session options. Each session has its own intra-op pool whose workers spin after
+    a run; a decode step runs the segment and head sessions one after another, so spinning
+    workers of the session that just ran would compete with the next one's (with 9 sessions
+    on 2 cores a decode step took 5x longer, measured): no session spins. (A process-wide
+    pool would avoid the wake-ups too, but it forces every ORT session in the process, the
+    user's own included, to use it: not a library's call to make.)
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: provider-placement notes are not the user's concern
     opts.intra_op_num_threads = _threads()
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if fp16_on_cpu:
         # The CPU provider has no fp16 MatMul here: ORT wraps fp16 nodes in Casts, and any
         # graph optimisation level turns every weight's Cast into an fp32 copy at load (2x the
@@ -98,6 +95,9 @@ def _session_options(spin: bool = True, fp16_on_cpu: bool = False) -> ort.Sessio
         # nothing), so all of a segment's fp32 copies are alive at once; priority order casts
         # each weight just before its MatMul (7B segment of 1.8 GB: peak 3.5 -> 2.2 GB).
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        # and no per-session arena: each would keep its own peak of fp32 weight copies
+        # (thirteen sessions at 7B: 6.7 GB held after use); freed copies go back at once
+        opts.enable_cpu_mem_arena = False
     return opts
 
 
@@ -110,9 +110,9 @@ class Graph:
     """One ORT session fed by name, each input cast to the element type the graph declares
     (fp32 or fp16 graphs take the same host arrays)."""
 
-    def __init__(self, path: Path, providers: list[str], spin: bool = True, fp16: bool = False) -> None:
+    def __init__(self, path: Path, providers: list[str], fp16: bool = False) -> None:
         self.name = path.name
-        opts = _session_options(spin, fp16_on_cpu=fp16 and providers[0] == "CPUExecutionProvider")
+        opts = _session_options(fp16_on_cpu=fp16 and providers[0] == "CPUExecutionProvider")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # noqa: BLE001  (ORT raises its own exception zoo)
@@ -203,7 +203,7 @@ class OrtArtifact:
             raise UserError(f"artifact {folder} has no segment graphs (an earlier layout); re-export it")
         providers = providers or default_providers()
         fp16 = manifest.get("precision") == "fp16"
-        graphs = {role: Graph(folder / name, providers, spin=not role.startswith("vision"), fp16=fp16)
+        graphs = {role: Graph(folder / name, providers, fp16=fp16)
                   for role, name in manifest["graphs"].items()}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
