@@ -411,11 +411,11 @@ def _graphs_lines(r: dict[str, Any]) -> list[str]:
         span = "-" if layers is None else (f"at {layers[0]}" if g.get("kind") == "route" else _span(layers))
         if "weights" in g:
             ww = g["weights"]
-            size = _size(ww["bytes"]) + (" (external)" if ww["external"] and not ww["inline_bytes"] else "")
-            rows.append([role, g["file"], span, size, str(ww["tensors"])])
+            rows.append([role, g["file"], span, _size(ww["bytes"]), str(ww["tensors"]),
+                         ", ".join(ww["external"]) or "-"])
         else:
-            rows.append([role, g["file"], span, g.get("error", "?"), "-"])
-    out.append(_table(rows, ["role", "file", "layers", "weights", "tensors"], right=(3, 4)))
+            rows.append([role, g["file"], span, g.get("error", "?"), "-", "-"])
+    out.append(_table(rows, ["role", "file", "layers", "weights", "tensors", "external data"], right=(3, 4)))
     if w:
         parts = ", ".join(f"{_KIND_WORDS.get(k, (k, k))[1]} {_size(n)}" for k, n in w["by_kind"].items())
         line = f"weights: {_size(w['bytes'])} stored ({parts})"
