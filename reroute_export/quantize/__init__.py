@@ -9,9 +9,10 @@ What is calibrated, and on what
     them, how many decode steps per sample, which graphs, and the quantizer settings.
     Every graph role of the artifact (manifest["graphs"]: vision, segment.s, head.j,
     route.j; buckets such as vision.b1 by their prefix) is calibrated on the feeds the ONNX
-    Runtime runtime itself builds for it (`OrtArtifact.recording`), recorded in one pass
-    over the samples (feeds.py): the vision graph on the processed photos; each segment
-    and decision head on the prefill's rows (the host embedding of (prompt, fp32 image
+    Runtime runtime itself builds for it, recorded in one pass over the samples, each feed
+    stored the moment its graph is called (feeds.py): the vision graph on the processed
+    photos (with image-size buckets, every photo in every bucket); each segment and
+    decision head on the prefill's rows (the host embedding of (prompt, fp32 image
     features) with the unpruned model's positions, then the rows routing kept) and on
     real greedy decode steps (one row against the fp32 prefill's fixed KV buffers), since
     prefill and decode run the very same segment and head graphs. The routing graphs run

@@ -1,6 +1,6 @@
 """Calibration feeds with routing active: every graph observed on the feeds the ONNX Runtime
-runtime itself builds for it (`OrtArtifact.recording`), stored once, served to the
-quantizers one graph and one feed at a time.
+runtime itself builds for it, stored once, served to the quantizers one graph and one feed
+at a time.
 
 One pass over the calibration samples records every graph role at once: the vision graph
 sees the processed photos; each segment.s and head.j sees the prefill's rows (the host
@@ -11,16 +11,19 @@ routing graphs run while the others are observed (so after a decision only the k
 tokens reach a layer, and that is what its MatMuls see) but are not recorded: they are
 never quantized (recipes.FLOAT_KINDS).
 
-Feeds go to disk as they come (`FeedStore`), so memory holds one step's feeds, not every
-sample's. A decode step's `past.*` buffers are stored as their valid rows (below
-`past_length`) when every row above is still zero (the runtime allocates them zeroed and
-only appends), and rebuilt to the full buffer on reading: the feed read back is the one
-the graph received, bit for bit.
+Each feed is written to disk the moment its graph is called (`FeedStore`), so memory holds
+one feed, not every sample's. The moment matters: a feed holds the runtime's own arrays,
+which it goes on writing in place (each stage's fixed KV buffers get the step's new rows
+at `past_length` right after the call; reroute's write-back buffer, which head.j and
+route.j read, gets the next stage's rows), so feeds kept by reference
+(`OrtArtifact.recording`) would show later values. A `past.*` buffer is stored as its
+valid rows (below `past_length`) when every row above is zero, and rebuilt on reading: the
+feed read back is the one the graph received, bit for bit.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -87,6 +90,33 @@ def _expand(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+class _Storing:
+    """Stands in for one graph: stores each feed as the graph receives it (cast to its
+    declared input types), then runs it."""
+
+    def __init__(self, graph: Any, role: str, store: FeedStore) -> None:
+        self.graph, self.role, self.store = graph, role, store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.graph, name)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.store.add(self.role, {n: np.ascontiguousarray(feeds[n], dtype=t)
+                                   for n, t in self.graph.input_types.items() if n in feeds})
+        return self.graph(feeds)  # a missing input is the graph's own error
+
+
+@contextmanager
+def _storing(art: OrtArtifact, roles: list[str], store: FeedStore) -> Iterator[None]:
+    saved = {role: art.graphs[role] for role in roles}
+    try:
+        for role, graph in saved.items():
+            art.graphs[role] = _Storing(graph, role, store)
+        yield
+    finally:
+        art.graphs.update(saved)
+
+
 def record_feeds(art: OrtArtifact, inputs: list[Any], roles: list[str], decode_steps: int,
                  store: FeedStore) -> dict[str, int]:
     """Run the fp32 artifact on every input (routed prefill, then up to `decode_steps` greedy
@@ -96,18 +126,9 @@ def record_feeds(art: OrtArtifact, inputs: list[Any], roles: list[str], decode_s
     steps = min(decode_steps, max(0, limit - 1))
     eos = art.manifest.get("eos_token_id")
     runs = {"prefill_runs": 0, "decode_steps": 0}
-    with ExitStack() as stack:
-        sinks = {role: stack.enter_context(art.recording(role)) for role in roles}
-
-        def drain() -> None:
-            for role, sink in sinks.items():
-                for feed in sink:
-                    store.add(role, feed)
-                sink.clear()
-
+    with _storing(art, roles, store):
         for x in inputs:
             pre = art.prefill(x)  # vision graph + host embedding + routed prefill
-            drain()
             runs["prefill_runs"] += 1
             logits, kv = pre["logits"], pre["kv"]
             for step in range(steps):
@@ -115,7 +136,6 @@ def record_feeds(art: OrtArtifact, inputs: list[Any], roles: list[str], decode_s
                 if token == eos and step:  # as generate() stops; the first step always runs, so
                     break                  # every segment and head sees a decode row of every sample
                 logits, kv = art.decode_step(token, pre["next_position"] + step, kv)
-                drain()
                 runs["decode_steps"] += 1
     return runs
 

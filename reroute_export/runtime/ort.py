@@ -417,5 +417,6 @@ class _Recorder:
         return getattr(self.graph, name)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.sink.append({n: np.ascontiguousarray(feeds[n], dtype=t) for n, t in self.graph.input_types.items()})
+        # copies: the runtime reuses its arrays (the KV buffers, the write-back buffer) in place
+        self.sink.append({n: np.array(feeds[n], dtype=t, copy=True) for n, t in self.graph.input_types.items()})
         return self.graph(feeds)
