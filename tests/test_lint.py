@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import onnx
+
+from reroute_export import contract as C
 import pytest
 from onnx import TensorProto, helper
 
@@ -87,9 +89,10 @@ def test_cli_exit_codes_and_json(tmp_path, capsys) -> None:
 def test_exported_decoder_graphs_pass(family_name, tmp_path) -> None:
     from test_rewrite import exported
 
-    for name, proto in zip(("prefill", "decode"), exported(family_name, "reroute")):
-        onnx.save(proto, tmp_path / f"{name}.onnx")
+    graphs = exported(family_name, "reroute")
+    for role, proto in graphs.items():
+        onnx.save(proto, tmp_path / C.file_of(role))
     for trt in ("10.3", "11"):
-        for name in ("prefill", "decode"):  # bare graphs, by file: a folder must be a verified artifact
-            report = lint(tmp_path / f"{name}.onnx", trt)
-            assert report["passed"], report["findings"]
+        for role in graphs:  # bare graphs, by file: a folder must be a verified artifact
+            report = lint(tmp_path / C.file_of(role), trt)
+            assert report["passed"], (role, report["findings"])

@@ -33,7 +33,7 @@ def example(family: str) -> DecoderExample:
     with torch.no_grad():
         embeds = m.family.embed(m.model, inputs)
     start = (inputs.input_ids[0] == m.family.image_token_id(m.model)).nonzero()[0]
-    return DecoderExample(embeds, m.family.positions(m.model, inputs), start)
+    return DecoderExample(embeds, m.family.positions(m.model, inputs), start, int(m.spec.vision.visual_tokens))
 
 
 @pytest.mark.parametrize("method", METHODS)
