@@ -122,10 +122,6 @@ def route_io(j: int, chained: bool) -> tuple[list[str], list[str]]:
     return inputs, [selected(j), KEPT, *rows]
 
 
-def present(i: int, kind: str) -> str:
-    return f"present.{i}.{kind}"
-
-
 def past(i: int, kind: str) -> str:
     return f"past.{i}.{kind}"
 
