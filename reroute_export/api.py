@@ -135,6 +135,7 @@ def export(
     precision: str = "fp32",
     fp32_layers: str | Sequence[int] | None = None,
     image_buckets: str | Sequence[tuple[int, int]] | None = None,
+    attention: str = "auto",
     image: Image | None = None,
     prompt: str | None = None,
     inputs: Inputs | None = None,
@@ -160,21 +161,24 @@ def export(
     target "trt" also writes the TensorRT build plan and, where TensorRT and a GPU are
     here, builds the engines (`result.engines_built`). image_buckets (Qwen2.5-VL): more
     image sizes the artifact answers, "HxW,HxW" in pixels or (H, W) pairs; each gets its own
-    vision and routing graphs (the same schedule at its N), the decoder segments are shared. Returns the written manifest and
+    vision and routing graphs (the same schedule at its N), the decoder segments are shared.
+    attention: how each segment's attention updates its KV buffers, one of
+    export/attention.py's FORMS (portable, ort-gqa, kv-scatter) or "auto", the target's
+    default (ONNX Runtime and TensorRT 10.x: portable; TensorRT 11: kv-scatter). Returns the written manifest and
     the post-export check's failures (`result.check_failures`: empty when it passed).
     """
     from .pipeline import export_artifact
     from .plan import make_plan
     from .trace import for_inputs
 
-    _refuse_early(output, force, target, precision, method, device)  # before minutes of loading
+    _refuse_early(output, force, target, precision, method, device, attention)  # before minutes of loading
     loaded = _load_for_export(model, precision, random_weights, stream_weights, log or _silent)
     sample = _export_sample(loaded, image, prompt, inputs)
     loaded = for_inputs(loaded, sample)  # N and the Qwen grid from the sample, not a default
     routing = make_plan(loaded.spec, method, budget=budget, schedule=schedule, drop_layers=drop_layers,
                         keep_ratios=keep_ratios, keep=keep)
     opts = _options(loaded, precision, fp32_layers, max_prompt_tokens, max_new_tokens, inline_functions, force,
-                    check, progress, target, device, plugin_lib, image_buckets)
+                    check, progress, target, device, plugin_lib, image_buckets, attention)
     prompt_tokens = int(sample.input_ids.shape[1])
     if max_prompt_tokens is not None and max_prompt_tokens < prompt_tokens:
         raise UserError(f"--max-prompt-tokens {max_prompt_tokens} is shorter than the sample prompt "
@@ -186,9 +190,11 @@ def _silent(message: str) -> None:
     """The default `log`: a library says nothing unless asked."""
 
 
-def _refuse_early(output: str | Path, force: bool, target: str, precision: str, method: str, device: str) -> None:
+def _refuse_early(output: str | Path, force: bool, target: str, precision: str, method: str, device: str,
+                  attention: str = "auto") -> None:
     """The refusals that need no model: an output folder that could not be replaced, and
-    unknown target, precision, method or TensorRT device."""
+    unknown target, precision, method, TensorRT device or attention form (or one the target
+    cannot run)."""
     from .export.artifact import check_output
     from .plan import METHODS
 
@@ -199,10 +205,27 @@ def _refuse_early(output: str | Path, force: bool, target: str, precision: str, 
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     check_output(Path(output), force)
+    trt_version = None
     if target == "trt":
         from .build.trt import device as trt_device
 
-        trt_device(device)
+        trt_version = trt_device(device)["trt_version"]
+    _check_attention(attention, target, device, trt_version)
+
+
+def _check_attention(attention: str, target: str, device: str, trt_version: str | None) -> None:
+    from .export.attention import FORMS
+
+    if attention != "auto" and attention not in FORMS:
+        raise UserError(f"unknown attention form {attention!r}; known: auto, {', '.join(FORMS)}")
+    if target != "trt":
+        return
+    if attention == "ort-gqa":
+        raise UserError("--attention ort-gqa is ONNX Runtime's GroupQueryAttention, which TensorRT cannot parse; "
+                        "use --attention portable (or kv-scatter for TensorRT 11)")
+    if attention == "kv-scatter" and int(str(trt_version).split(".")[0]) < 11:
+        raise UserError(f"--attention kv-scatter needs opset 24 (TensorRT 11); {device} has TensorRT {trt_version}: "
+                        f"use --attention portable or --device gpu-trt11")
 
 
 def _load_for_export(model: str, precision: str, random_weights: bool, stream_weights: bool | None,
@@ -260,14 +283,14 @@ def _export_sample(loaded: Loaded, image: Image | None, prompt: str | None, inpu
 
 def _options(loaded: Loaded, precision: str, fp32_layers: str | Sequence[int] | None, max_prompt_tokens: int | None,
              max_new_tokens: int, inline_functions: bool, force: bool, check: bool, progress: bool, target: str,
-             device: str, plugin_lib: str | None, image_buckets: Any = None) -> ExportOptions:
+             device: str, plugin_lib: str | None, image_buckets: Any = None, attention: str = "auto") -> ExportOptions:
     from .pipeline import ExportOptions
 
     return ExportOptions(precision=precision, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                          inline_functions=inline_functions, force=force, check=check, quiet=not progress,
                          target=target, device=device, plugin_lib=plugin_lib,
                          fp32_layers=_fp32_layers(fp32_layers, precision, loaded.spec.text.num_layers),
-                         image_buckets=_image_buckets(image_buckets))
+                         image_buckets=_image_buckets(image_buckets), attention=attention)
 
 
 def _image_buckets(given: str | Sequence[tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:

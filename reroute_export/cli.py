@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from . import __version__, api
+from . import contract as C
 from .console import table
 from .files import write_json
 from .errors import UserError
@@ -326,7 +327,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("--output DIR is required")
     result = api.export(
         args.model, output=args.output, target=args.target, precision=args.precision, fp32_layers=args.fp32_layers,
-        image_buckets=args.image_buckets,
+        image_buckets=args.image_buckets, attention=args.attention,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
         inline_functions=args.inline_functions, random_weights=args.random_weights,
         stream_weights=True if args.stream_weights else None, device=args.device, plugin_lib=args.plugin_lib,
@@ -406,6 +407,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     overrides = parse_overrides(args.tol)
+    if args.layers is not None or args.dump:
+        return cmd_parity_layers(args, overrides)
     maps: dict[str, str] = {}
     on_result = None
     if args.markdown:
@@ -428,6 +431,39 @@ def cmd_parity(args: argparse.Namespace) -> int:
             print(f"FAILED {f}")
         print(f"parity: {'passed' if report.passed else 'FAILED'} ({len(report.inputs)} inputs, "
               f"{report.precision} artifact vs fp32 reference)")
+    return 0 if report.passed else 1
+
+
+def cmd_parity_layers(args: argparse.Namespace, overrides: dict[str, float]) -> int:
+    """parity --layers [N] (--dump DIR implies it): the first decoder layer over tolerance, per input."""
+    from pathlib import Path
+
+    from .check.layers import COLUMNS, markdown, run_layer_parity, summary_rows, verdict
+
+    if args.runtime != "onnxruntime":
+        raise UserError("parity --layers taps the artifact's ONNX graphs: use --runtime onnxruntime")
+    report = run_layer_parity(Path(args.artifact), args.model, args.inputs, args.layers, args.layer_steps, overrides,
+                              dump=Path(args.dump) if args.dump else None, quiet=args.quiet or args.json == "-")
+    if args.json:
+        write_json(args.json, report.to_json())
+    if args.markdown:
+        from .files import write_text
+
+        write_text(args.markdown, markdown(report))
+    if not args.quiet and args.json != "-":
+        for record in report.inputs:
+            if record["layers"]:
+                print(table(summary_rows(record, report.steps), COLUMNS))
+            for note in record["routing"]:
+                print(f"note: {record['input']}: {note}")
+            print(verdict(record, report.layers))
+        for note in report.notes:
+            print(f"note: {note}")
+        if report.dump:
+            print(f"per-layer tensors: {report.dump}/index.json")
+        print(f"parity --layers: {'passed' if report.passed else 'FAILED'} ({len(report.inputs)} inputs, "
+              f"{report.layers} layers, prefill + {report.steps} decode steps, {report.precision} artifact "
+              f"vs fp32 reference)")
     return 0 if report.passed else 1
 
 
@@ -514,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", action="append", metavar="NAME=VALUE",
                    help="override one tolerance, e.g. logits_max_abs_max=1e-3 (repeatable)")
     p.add_argument("--markdown", metavar="OUT", help="write a Markdown report (routing maps where routing differs)")
+    g = p.add_argument_group("per-layer drift (--layers)")
+    g.add_argument("--layers", type=int, nargs="?", const=0, metavar="N",
+                   help="compare every decoder layer's hidden state and K/V rows instead, and name the first "
+                        "layer over tolerance; N: only layers 0..N-1 (a fast CI gate)")
+    g.add_argument("--layer-steps", type=int, default=2, metavar="S",
+                   help="decode steps compared after prefill by --layers (default 2; teacher-forced)")
+    g.add_argument("--dump", metavar="DIR", help="write the per-layer tensors of both sides as safetensors "
+                                                 "(+ index.json); implies --layers")
     add_output_args(p)
     p.set_defaults(func=cmd_parity)
 
@@ -532,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .full_install import register_stage
 
     register_stage(sub, "quantize.cli", "calibrate")
+    register_stage(sub, "quantize.weights_cli", "quantize")
     register_stage(sub, "bench.cli", "bench")
     register_stage(sub, "inspect_artifact", "inspect")
     return parser
@@ -554,6 +599,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-buckets", metavar="HxW,...",
                    help="qwen2.5-vl: more image sizes in pixels (multiples of 28), e.g. 448x448,336x672; each image "
                         "is resized to the nearest; LLaVA takes one size")
+    g.add_argument("--attention", default="auto", choices=["auto", *C.ATTENTION_FORMS],
+                   help="how segments update their KV buffers: portable (host writes rows; TensorRT 10.3), ort-gqa "
+                        "(ONNX Runtime GroupQueryAttention, in place), kv-scatter (opset-24 TensorScatter + Attention; "
+                        "TensorRT 11); auto: portable for --target onnx, by TensorRT version for --target trt")
     g.add_argument("--max-prompt-tokens", type=int, help="longest prompt the artifact takes (default N + 512)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--inline-functions", action="store_true", help="write reroute ops expanded into standard ops")

@@ -29,6 +29,9 @@ segment.s inputs
 segment.s outputs
     hidden_out             (1, T, D)          (the last segment: logits float32 (1, V) of the last row)
     new.{i}.key/value      (1, nkv, T, hd)    the rows' roped K and V, written by the host at past_length
+    present.{i}.key/value  (1, nkv, M_s, hd)  instead, with a fused attention form (manifest decoder.attention
+                           "ort-gqa" / "kv-scatter"): the buffer with the rows written in-graph at
+                           past_length; the runtime binds it to the past buffer's memory (in place)
 
 head.j: hidden (1, T, D) -> query, key, value (pre-rope)
 route.j inputs: hidden, query, key, value (1, Tx, .), position_ids, visual_start int64 (1,),
@@ -102,13 +105,30 @@ def new(i: int, kind: str) -> str:
     return f"new.{i}.{kind}"
 
 
+def present(i: int, kind: str) -> str:
+    """Layer i's whole K or V buffer after the segment wrote its rows in-graph (fused attention
+    forms, rewrite/attention.py): the same shape as past.{i}.*, bound to the same memory."""
+    return f"present.{i}.{kind}"
+
+
+# How a segment's attention updates its KV buffers (manifest["decoder"]["attention"]):
+# "portable" returns new rows for the host to write; the in-graph forms write them inside.
+PORTABLE = "portable"
+ATTENTION_FORMS = (PORTABLE, "ort-gqa", "kv-scatter")  # export/attention.py describes and lowers each
+
+
+def kv_in_graph(attention: str) -> bool:
+    return attention != PORTABLE
+
+
 def kept(name: str) -> str:
     return f"kept.{name}"
 
 
-def segment_io(layers: range, headed: bool, last: bool) -> tuple[list[str], list[str]]:
+def segment_io(layers: range, headed: bool, last: bool, attention: str = PORTABLE) -> tuple[list[str], list[str]]:
     kv_in = [past(i, k) for i in layers for k in ("key", "value")]
-    kv_out = [new(i, k) for i in layers for k in ("key", "value")]
+    out = present if kv_in_graph(attention) else new
+    kv_out = [out(i, k) for i in layers for k in ("key", "value")]
     inputs = [HIDDEN, *([QUERY, KEY, VALUE] if headed else []), POSITION_IDS, PAST_LENGTH, *kv_in]
     return inputs, [LOGITS if last else HIDDEN_OUT, *kv_out]
 
@@ -122,8 +142,11 @@ def route_io(j: int, chained: bool) -> tuple[list[str], list[str]]:
     return inputs, [selected(j), KEPT, *rows]
 
 
+PAST_PREFIX = "past."
+
+
 def past(i: int, kind: str) -> str:
-    return f"past.{i}.{kind}"
+    return f"{PAST_PREFIX}{i}.{kind}"
 
 
 def selected(stage: int) -> str:

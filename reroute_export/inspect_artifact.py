@@ -255,7 +255,8 @@ def _kv_buffers(manifest: dict[str, Any], graphs: dict[str, dict[str, Any]]) -> 
                      "dtypes": sorted({_NUMPY_NAMES.get(d, d) for d in dtypes}), "bytes": nbytes})
         total += nbytes
     return {"num_kv_heads": int(nkv), "head_dim": int(hd), "segments": rows, "bytes": total,
-            "dtypes": sorted({d for r in rows for d in r["dtypes"]})}
+            "dtypes": sorted({d for r in rows for d in r["dtypes"]}),
+            "attention": dec.get("attention", C.PORTABLE)}
 
 
 def _plan_summary(raw: dict[str, Any]) -> dict[str, Any]:
@@ -427,11 +428,15 @@ def _graphs_lines(r: dict[str, Any]) -> list[str]:
     return out
 
 
+_KV_WRITER = {True: "the graphs write each step into the buffers, in place", False: "the host writes the new rows"}
+
+
 def _kv_lines(kv: dict[str, Any] | None) -> list[str]:
     if not kv:
         return []
     out = [f"KV buffers (fixed, allocated once per run; {'/'.join(kv['dtypes'])}, K and V of "
-           f"{kv['num_kv_heads']} KV heads x head dim {kv['head_dim']} per layer): {_size(kv['bytes'])}"]
+           f"{kv['num_kv_heads']} KV heads x head dim {kv['head_dim']} per layer): {_size(kv['bytes'])}",
+           f"attention form: {kv['attention']} ({_KV_WRITER[C.kv_in_graph(kv['attention'])]})"]
     rows = [[s["segment"], _span(s["layers"]), str(s["cache_tokens"]), _size(s["bytes"])] for s in kv["segments"]]
     out.append(_table(rows, ["segment", "layers", "M_s rows", "bytes"], right=(2, 3)))
     return out

@@ -34,6 +34,7 @@ from .progress import Steps
 from .registry import Loaded
 from .rewrite.precision import keep_layers_fp32
 from .spec import spec_to_dict
+from .export.attention import FORMS
 
 PRECISIONS = dict(zip(C.PRECISIONS, (torch.float32, torch.float16)))  # export precision -> torch dtype
 
@@ -53,6 +54,20 @@ class ExportOptions:
     plugin_lib: str | None = None
     fp32_layers: tuple[int, ...] = ()  # fp16 exports: decoder layers kept in fp32 (overflow fallback)
     image_buckets: tuple[tuple[int, int], ...] = ()  # Qwen2.5-VL: more image sizes (H, W) in pixels
+    attention: str = "auto"  # export/attention.py FORMS, or auto: the target's default form
+
+    @property
+    def attention_form(self) -> str:
+        from .export.attention import default_form
+
+        if self.attention != "auto":
+            return self.attention
+        trt_version = None
+        if self.target == "trt":
+            from .build.trt import device
+
+            trt_version = device(self.device)["trt_version"]
+        return default_form(self.target, trt_version)
 
 
 @dataclass
@@ -153,13 +168,15 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
             export_vision(model, loaded.family, folder / vision_files[C.vision(k)], example_pixel_values=pixels,
                           image_grid_thw=g, dtype=dtype, stream=stream)
     example = example_for(loaded, inputs, dtype)
+    form = opts.attention_form
     extra = [(k, b["plan"]) for k, b in enumerate(buckets[1:], start=1)]
     roles = 3 * len(plan.stages) + 1 + len(plan.stages) * len(extra)
     with steps.step(f"decoder graphs: {len(plan.stages) + 1} segments, {len(plan.stages)} heads, "
                     f"{len(plan.stages) * len(buckets)} routing graphs"):
         decoder_files = export_decoder(model, loaded.family, plan, example, sh["max_prompt_tokens"],
                                        sh["cache_tokens"], folder, inline=opts.inline_functions, stream=stream,
-                                       on_graph=lambda role: steps.note(f"{role} ({roles} graphs)"), buckets=extra)
+                                       on_graph=lambda role: steps.note(f"{role} ({roles} graphs)"), buckets=extra,
+                                       attention=form)
     with steps.step("embeddings and preprocessor"):
         if stream is not None:
             embed = model.get_input_embeddings().weight
@@ -174,11 +191,12 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
         "model": loaded.spec.name, "model_source": loaded.source, "family": loaded.family.name, "plan": plan.to_dict(),
         "spec": spec_to_dict(loaded.spec),  # what the plan was made on: plan flags are checked against it
         "random_weights": loaded.random_weights, "weights_written": "streamed" if stream is not None else "in memory",
-        "precision": opts.precision, "opset": C.OPSET, "ir_version": C.IR_VERSION,
+        "precision": opts.precision, "opset": FORMS[form].opset, "ir_version": FORMS[form].ir_version,
         "inline_functions": opts.inline_functions, "shapes": sh,
         "fp32_layers": list(opts.fp32_layers) if opts.precision != "fp32" else [],
         "graphs": {**vision_files, **decoder_files},
-        "decoder": {"segments": [[r.start, r.stop] for r in plan.segments], "cache_tokens": sh["cache_tokens"]},
+        "decoder": {"segments": [[r.start, r.stop] for r in plan.segments], "cache_tokens": sh["cache_tokens"],
+                    "attention": form},
         "image_grid_thw": list(grid) if grid else None,
         "buckets": [{"grid": list(b["grid"]), "image_size": _pixels(loaded, b["grid"]), "plan": b["plan"].to_dict(),
                      "max_prompt_tokens": sh["max_text_tokens"] + b["plan"].visual_tokens}

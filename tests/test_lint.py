@@ -96,3 +96,37 @@ def test_exported_decoder_graphs_pass(family_name, tmp_path) -> None:
         for role in graphs:  # bare graphs, by file: a folder must be a verified artifact
             report = lint(tmp_path / C.file_of(role), trt)
             assert report["passed"], (role, report["findings"])
+
+
+# ---------------------------------------------------------------- weight-only quantized graphs (quantize)
+
+
+def _weight_only(encoding: str):
+    """x (1, 64) @ a 64 x 8 int4 weight, as `quantize` writes it."""
+    if encoding == "matmulnbits":
+        b = helper.make_tensor("b", TensorProto.UINT8, [8, 2, 16], bytes(256), raw=True)
+        s = helper.make_tensor("s", TensorProto.FLOAT, [8, 2], [1.0] * 16)
+        node = helper.make_node("MatMulNBits", ["x64", "b", "s"], ["y"], name="q_proj", domain="com.microsoft",
+                                K=64, N=8, bits=4, block_size=32)
+        return graph([node], [X64], [Y], [b, s], extra_opsets=[helper.make_opsetid("com.microsoft", 1)])
+    w = helper.make_tensor("w", TensorProto.INT4, [64, 8], bytes(256), raw=True)
+    s = helper.make_tensor("s", TensorProto.FLOAT, [2, 8], [1.0] * 16)
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], name="q_proj/dq", axis=0, block_size=32),
+             helper.make_node("MatMul", ["x64", "wf"], ["y"], name="q_proj")]
+    return graph(nodes, [X64], [Y], [w, s], opset=21, ir=10)
+
+
+X64 = helper.make_tensor_value_info("x64", TensorProto.FLOAT, [1, 64])
+
+
+def test_matmulnbits_is_refused_naming_qdq() -> None:
+    for trt in ("10.3", "11"):
+        (err,) = [f for f in lint_model(_weight_only("matmulnbits"), "q.onnx", trt) if f.severity == "error"]
+        assert err.op == "com.microsoft.MatMulNBits" and "--encoding qdq" in err.message
+
+
+def test_blocked_int4_dequantize_needs_opset_21() -> None:
+    m = _weight_only("qdq")
+    assert not [f for f in lint_model(m, "q.onnx", "11") if f.severity == "error"]
+    msgs = " ".join(f.message for f in lint_model(m, "q.onnx", "10.3") if f.severity == "error")
+    assert "opset 21 > 18" in msgs and "blocked DequantizeLinear" in msgs

@@ -356,12 +356,13 @@ def _only(onnx_file: str, inputs: list[GraphInput], allowed: set[str]) -> None:
 
 
 def _two_profiles(inputs: list[GraphInput], t: str, prefill: Range, p: str | None = None,
-                  past: int | None = None) -> list[Profile]:
-    """decode (T = 1, P = M_s) and prefill (T over `prefill`, P = 1), in that index order."""
+                  past: int | None = None, prefill_past: int = 1) -> list[Profile]:
+    """decode (T = 1, P = M_s) and prefill (T over `prefill`, P = 1: a one-row dummy buffer; M_s
+    when the segment writes its KV in-graph), in that index order."""
     decode = {t: (1, 1, 1)}
     fill = {t: prefill}
     if p is not None:
-        decode[p], fill[p] = (past, past, past), (1, 1, 1)
+        decode[p], fill[p] = (past, past, past), (prefill_past,) * 3
     return [_profile(DECODE, inputs, decode), _profile(PREFILL, inputs, fill)]
 
 
@@ -381,7 +382,9 @@ def segment_profiles(role: str, manifest: dict[str, Any], inputs: list[GraphInpu
     _only(onnx_file, inputs, {t, p})
     hi = int(manifest["shapes"]["max_prompt_tokens"])
     prefill = _clamp(1, prefill_rows(manifest, s, _opt_prompt(manifest)), hi)
-    return _two_profiles(inputs, t, prefill, p, _cache_tokens(manifest)[s])
+    m = _cache_tokens(manifest)[s]
+    in_graph = C.kv_in_graph((manifest.get("decoder") or {}).get("attention", C.PORTABLE))
+    return _two_profiles(inputs, t, prefill, p, m, m if in_graph else 1)
 
 
 def head_profiles(role: str, manifest: dict[str, Any], inputs: list[GraphInput], onnx_file: str) -> list[Profile]:

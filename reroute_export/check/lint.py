@@ -22,7 +22,7 @@ from ..errors import UserError
 
 TABLE = Path(__file__).resolve().parent.parent / "data" / "trt_support.json"
 DTYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 6: "INT32", 7: "INT64", 9: "BOOL", 10: "FP16", 11: "DOUBLE", 16: "BF16",
-          17: "FP8"}
+          17: "FP8", 21: "UINT4", 22: "INT4"}
 
 
 @dataclass
@@ -106,20 +106,34 @@ def _check_model_header(model: onnx.ModelProto, graph: str, v: dict[str, Any], t
 
 
 def _check_node(node: onnx.NodeProto, where: str, graph: str, v: dict[str, Any], consts: dict, types: dict,
-                functions: set[tuple[str, str]]) -> list[Finding]:
+                functions: set[tuple[str, str]], opset: int = 0) -> list[Finding]:
     name, op = node.name or "(unnamed)", node.op_type
     found = lambda sev, msg: Finding(sev, graph, name, op if not node.domain else f"{node.domain}.{op}", msg)  # noqa: E731
     if node.domain not in ("", "ai.onnx"):
         if (node.domain, op) in functions or _attr(node, "plugin_namespace") is not None:
             return []
+        refused = support_table().get("weight_only", {}).get("refused_ops", {}).get(f"{node.domain}.{op}")
+        if refused:  # e.g. an ORT-only weight-quantized artifact: name the encoding TensorRT takes
+            return [found("error", f"{refused} ({where})")]
+        if node.domain == "com.microsoft" and op == "GroupQueryAttention":
+            return [found("error", f"ONNX Runtime's fused attention (an --attention ort-gqa artifact), which TensorRT "
+                                   f"cannot parse: re-export with --attention portable, or kv-scatter for TensorRT 11 "
+                                   f"({where})")]
         return [found("error", f"custom-domain node without a local function or plugin_namespace ({where})")]
     if op in support_table()["data_dependent"]:
         return [found("error", f"{op} has a data-dependent output shape ({where})")]
     if op not in v["ops"]:
         return [found("error", f"{op} is not supported by the TensorRT ONNX parser ({where})")]
     out = []
+    if op in support_table().get("unverified", {}):
+        out.append(found("warning", support_table()["unverified"][op]))
+    if op == "Attention" and (len(node.output) > 1 or any(node.input[4:6])):
+        out.append(found("error", "Attention with past_key/past_value or more than one output: TensorRT's importer "
+                                  "takes neither (pass the whole buffer as K/V)"))
     if op == "TopK":
         out += _check_topk(node, v, consts, found)
+    if op == "DequantizeLinear":
+        out += _check_dequantize(node, v, consts, types, opset, found)
     if op in ("ScatterND", "ScatterElements") and _attr(node, "reduction", b"none") not in (b"none", "none"):
         out.append(found("error", f"{op} reduction={_attr(node, 'reduction')!r}: TensorRT needs reduction=none"))
     if op == "CumSum" and types.get(node.input[0]) not in (None, "?", "FP32", "FP16", "BF16"):
@@ -132,6 +146,27 @@ def _check_node(node: onnx.NodeProto, where: str, graph: str, v: dict[str, Any],
             out.append(found("error", f"input {t} is DOUBLE; TensorRT has no float64 tensors"))
         elif dt in ("BOOL", "INT64") and dt not in v["ops"][op] and op not in ("Cast", "Shape", "Constant"):
             out.append(found("warning", f"input {t} is {dt}, which TensorRT's {op} does not list"))
+    return out
+
+
+def _check_dequantize(node: onnx.NodeProto, v: dict[str, Any], consts: dict, types: dict, opset: int,
+                      found) -> list[Finding]:
+    """Weight DequantizeLinear: TensorRT takes zero points that are zero only; blocked ones
+    (block_size, INT4/INT8 weights from `quantize --encoding qdq`) are opset 21."""
+    out = []
+    dt = types.get(node.input[0])
+    if dt not in (None, "?") and dt not in v["ops"]["DequantizeLinear"]:
+        out.append(found("error", f"DequantizeLinear of {dt}: this TensorRT target lists "
+                                  f"{', '.join(v['ops']['DequantizeLinear'])}"))
+    zero = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero is not None and zero.data_location != onnx.TensorProto.EXTERNAL and onnx.numpy_helper.to_array(zero).any():
+        out.append(found("error", "DequantizeLinear with a nonzero x_zero_point: TensorRT needs symmetric (zero) points"))
+    if (_attr(node, "block_size", 0) or 0) > 0:
+        blocked = v.get("blocked_dequantize", {"supported": False, "min_opset": 21, "reason": "blocked DequantizeLinear"})
+        if not blocked["supported"]:
+            out.append(found("error", blocked["reason"]))
+        elif opset < blocked["min_opset"]:
+            out.append(found("error", f"blocked DequantizeLinear needs opset {blocked['min_opset']}, the graph is {opset}"))
     return out
 
 
@@ -168,9 +203,10 @@ def lint_model(model: onnx.ModelProto, graph: str, trt_version: str = "10.3") ->
     v = _version(trt_version)
     consts, types = _constants(model), _types(model)
     functions = {(f.domain, f.name) for f in model.functions}
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     out = _check_model_header(model, graph, v, trt_version) + _check_reroute_k(model, graph, v)
     for node, where in _nodes(model):
-        out += _check_node(node, where, graph, v, consts, types, functions)
+        out += _check_node(node, where, graph, v, consts, types, functions, opset)
     return out
 
 

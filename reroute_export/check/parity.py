@@ -102,20 +102,13 @@ def run_parity(artifact: Path, model: str | None = None, inputs: str | None = No
     """Run the reference and the artifact on every input of the set; never raises for a
     failed check (see `ParityReport.failures`), only for inputs it cannot run."""
     from ..preprocess import load_image
-    from ..registry import load
     from ..runtime import OrtArtifact
     from ..runtime.eager import EagerRuntime
-    from ..trace import spec_for_inputs
 
     items = input_set(inputs)
     art = (runner or OrtArtifact).load(Path(artifact))
     m = art.manifest
-    source = model or m.get("model_source") or m["model"]
-    # a --random-weights artifact: the same seeded weights, drawn again on the CPU in fp32
-    loaded = load(source, random_weights=bool(m.get("random_weights")) and model is None)
-    if loaded.family.name != m["family"]:
-        raise UserError(f"--model {source} is a {loaded.family.name} model; the artifact is {m['family']}")
-    loaded = spec_for_inputs(loaded, art.plan.visual_tokens)
+    loaded, source = reference_model(art, model)
     tol = tolerances(m["family"], m["precision"], overrides)
     report = ParityReport(str(artifact), source, m["precision"], tol, tokens)
     # the artifact's own preprocessing, for both sides
@@ -133,11 +126,26 @@ def run_parity(artifact: Path, model: str | None = None, inputs: str | None = No
     return report
 
 
+def reference_model(art: Any, model: str | None = None) -> tuple[Any, str]:
+    """The eager reference for an artifact (`registry.Loaded`, fp32 on the CPU) and its source:
+    `model`, or the one the artifact was exported from."""
+    from ..registry import load
+    from ..trace import spec_for_inputs
+
+    m = art.manifest
+    source = model or m.get("model_source") or m["model"]
+    # a --random-weights artifact: the same seeded weights, drawn again on the CPU in fp32
+    loaded = load(source, random_weights=bool(m.get("random_weights")) and model is None)
+    if loaded.family.name != m["family"]:
+        raise UserError(f"--model {source} is a {loaded.family.name} model; the artifact is {m['family']}")
+    return spec_for_inputs(loaded, art.plan.visual_tokens), source
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, float]:
     """--tol NAME=VALUE (e.g. logits_max_abs_max=1e-3) -> {NAME: VALUE}, names checked."""
-    from .tolerances import METRICS
+    from .tolerances import LAYER_METRICS, METRICS
 
-    known = METRICS | {k for table in DEFAULTS.values() for k in table}
+    known = METRICS | LAYER_METRICS | {k for table in DEFAULTS.values() for k in table}
     out = {}
     for item in items or []:
         name, sep, value = item.partition("=")

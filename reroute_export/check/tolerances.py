@@ -35,8 +35,34 @@ METRICS = {
 }
 
 
-def tolerances(family: str, precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
-    tol = dict(DEFAULTS.get(precision, DEFAULTS["fp16"]))
+# parity --layers (check/layers.py): per decoder layer, in prefill and each decode step, the
+# artifact's output hidden state and roped K/V rows against the reference's. Cosine over
+# the compared rows; `rel_err` = ||got - ref|| / ||ref||. fp32 also bounds the relative error:
+# a cosine of 0.99 allows ~14% error, far looser than parity's logits bound, and a layer
+# check that passes where parity fails would localise nothing.
+LAYER_DEFAULTS: dict[str, dict[str, float]] = {
+    "fp32": {"hidden_cosine_min": 0.9999, "key_cosine_min": 0.9999, "value_cosine_min": 0.9999,
+             "hidden_rel_err_max": 1e-3, "key_rel_err_max": 1e-3, "value_rel_err_max": 1e-3},
+    "fp16": {"hidden_cosine_min": 0.99, "key_cosine_min": 0.99, "value_cosine_min": 0.99},
+}
+LAYER_KINDS = ("hidden", "key", "value")
+LAYER_METRICS = {f"{kind}_{m}" for kind in LAYER_KINDS for m in ("cosine_min", "rel_err_max", "max_abs_max")}
+
+
+def _layered(defaults: dict[str, dict[str, float]], family: str, precision: str,
+             overrides: dict[str, float] | None) -> dict[str, float]:
+    """The precision's defaults, then the family's overrides, then the user's."""
+    tol = dict(defaults.get(precision, defaults["fp16"]))
     tol.update(get_family(family).tolerance_overrides.get(precision, {}))
     tol.update(overrides or {})
     return tol
+
+
+def tolerances(family: str, precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """parity's bounds (a --layers bound given with --tol is not one of them)."""
+    return {k: v for k, v in _layered(DEFAULTS, family, precision, overrides).items() if k not in LAYER_METRICS}
+
+
+def layer_tolerances(family: str, precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """parity --layers' bounds, layered the same way (int8/fp8 take fp16's until measured)."""
+    return {k: v for k, v in _layered(LAYER_DEFAULTS, family, precision, overrides).items() if k in LAYER_METRICS}

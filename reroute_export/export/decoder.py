@@ -25,6 +25,7 @@ from ..families.base import Family
 from ..plan import RoutingPlan
 from ..rewrite.segments import Program
 from .. import contract as C
+from .attention import lower
 from .onnx_ops import attach_functions, inline_functions, translations
 from .stream import EXTERNAL_ABOVE, StreamedGraph, WeightStream
 
@@ -40,17 +41,19 @@ class DecoderExample:
     visual_tokens: int  # N of the sample (the graphs of another bucket scale L by their own N)
 
 
-def finish(model: "onnx.ModelProto | StreamedGraph", inline: bool) -> "onnx.ModelProto | StreamedGraph":
-    """Attach `reroute` functions, pin IR version and opset (DESIGN.md 2). A streamed graph
-    gets them when it is written (its proto exists only then)."""
+def finish(model: "onnx.ModelProto | StreamedGraph", inline: bool,
+           attention: str = C.PORTABLE) -> "onnx.ModelProto | StreamedGraph":
+    """Attach `reroute` functions, pin IR version and opset (DESIGN.md 2), lower the attention
+    op to the target's form (export/attention.py). A streamed graph gets them when it is
+    written (its proto exists only then)."""
     if isinstance(model, StreamedGraph):
-        model.inline = inline
+        model.inline, model.attention = inline, attention
         return model
     model = attach_functions(model)
     if inline:
         model = inline_functions(model)
     model.ir_version = C.IR_VERSION
-    return model
+    return lower(model, attention)
 
 
 def save(model: "onnx.ModelProto | StreamedGraph", path: Path) -> None:
@@ -170,15 +173,17 @@ def export_decoder(
     model: torch.nn.Module, family: type[Family], plan: RoutingPlan, example: DecoderExample,
     max_prompt_tokens: int, cache_tokens: Sequence[int], folder: Path, *, inline: bool = False,
     stream: WeightStream | None = None, on_graph=None, buckets: Sequence[tuple[int, RoutingPlan]] = (),
+    attention: str = C.PORTABLE,
 ) -> dict[str, str]:
     """Write every decoder graph of `plan` into `folder`, and the routing graphs of each extra
     visual-token bucket k (its own plan: N_k, K_j) as route.j.bk: role -> file name.
     `max_prompt_tokens` bounds every row axis (the longest prompt of any bucket);
-    `cache_tokens` are the segments' fixed KV buffer lengths."""
+    `cache_tokens` are the segments' fixed KV buffer lengths; `attention` the form each
+    segment's attention takes (export/attention.py)."""
     from ..rewrite.segments import kv_dtypes
 
     dtypes = kv_dtypes(model, family)
-    program = Program(model, family, plan)
+    program = Program(model, family, plan, attention)
     jobs = {role: (program, module, role) for role, module in program.graphs().items()}
     for k, bucket_plan in buckets:
         other = Program(model, family, bucket_plan)
@@ -196,7 +201,7 @@ def export_decoder(
         shapes = _by_signature(module, graph_shapes(prog, own, args, max_prompt_tokens, cache_tokens))
         with torch.no_grad():
             proto = _export(module, args, shapes, inputs, outputs, stream)
-        save(finish(proto, inline), folder / C.file_of(role))
+        save(finish(proto, inline, attention), folder / C.file_of(role))
 
     roles = list(jobs)
     for role in roles:

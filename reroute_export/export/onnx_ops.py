@@ -44,6 +44,24 @@ SCHEMAS = [
 ]
 
 
+def _cached_attention_schema() -> OpSchema:
+    """rewrite/attention.py's op: attention with the KV write in-graph. No function body: it
+    never reaches a file; export/attention.py lowers it to the target's form right after export."""
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    return OpSchema(
+        "CachedAttention", DOMAIN, VERSION, "Attention of T rows over a fixed KV buffer written at past_length.",
+        inputs=[P("q", "T"), P("k", "T"), P("v", "T"), P("past_k", "T"), P("past_v", "T"), P("past_length", _I64)],
+        outputs=[P("out", "T"), P("present_k", "T"), P("present_v", "T")],
+        type_constraints=[("T", _FLOAT, "float types")],
+        attributes=[A("num_heads", OpSchema.AttrType.INT, "query heads"),
+                    A("kv_heads", OpSchema.AttrType.INT, "key/value heads"),
+                    A("scale", OpSchema.AttrType.FLOAT, "score scale")],
+    )
+
+
+SCHEMAS.append(_cached_attention_schema())
+
+
 def register_schemas() -> None:
     for s in SCHEMAS:
         if not onnx.defs.has(s.name, s.domain):
@@ -108,14 +126,20 @@ def _route_gather(x, selected, visual_start, m: int):
     return rr.RouteGather(x, selected, visual_start, m=m)
 
 
+def _cached_attention(q, k, v, past_k, past_v, past_length, num_heads: int, kv_heads: int, scale: float):
+    return rr.CachedAttention(q, k, v, past_k, past_v, past_length, num_heads=num_heads, kv_heads=kv_heads,
+                              scale=scale, _num_outputs=3)
+
+
 def translations() -> dict:
     """torch op -> ONNX translation, for torch.onnx's custom_translation_table. Built on call:
     this module's functions and schemas serve torch-free code too (lint, calibrate, inspect)."""
-    from ..rewrite import ops as torch_ops
+    from ..rewrite import attention, ops as torch_ops
 
     return {
         torch_ops.select_visual._opoverload: _select_visual,
         torch_ops.route_gather._opoverload: _route_gather,
+        attention.cached_attention._opoverload: _cached_attention,
     }
 
 

@@ -250,8 +250,9 @@ class StreamedGraph:
     stream: WeightStream
     names: dict[str, tuple[str, tuple[int, ...] | None]]  # initializer -> (model parameter, transpose perm)
     inline: bool = False
+    attention: str = "portable"  # the attention form export/attention.py lowers to
 
-    def write(self, path: Path, finish: Callable[[onnx.ModelProto, bool], onnx.ModelProto]) -> None:
+    def write(self, path: Path, finish: Callable[[onnx.ModelProto, bool, str], onnx.ModelProto]) -> None:
         import onnx_ir as ir
         import onnxscript.optimizer
 
@@ -269,7 +270,7 @@ class StreamedGraph:
                                                   name=value.name, base_dir=str(path.parent))
         ir.save(self.ir_model, path)  # references only: the weights are already on disk
         proto = onnx.load(path, load_external_data=False)  # the graph alone: weights stay on disk
-        onnx.save_model(finish(proto, self.inline), path)
+        onnx.save_model(finish(proto, self.inline, self.attention), path)
         self.stream.written[path.name] = {t.name: self.names[t.name] for t in proto.graph.initializer
                                           if t.name in self.names}
 

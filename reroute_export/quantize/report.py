@@ -28,8 +28,9 @@ def _row(path: Path | str, prompt: str, judged: Judged) -> dict[str, Any]:
 
 
 def parity_report(fp32: Path, quantized: Path, precision: str, tokens: int,
-                  pairs: list[tuple[Path, str]] | None = None) -> dict[str, Any]:
-    """Quantized vs fp32 artifact, both through ONNX Runtime on CPU, on the shipped samples."""
+                  pairs: list[tuple[Path, str]] | None = None, judged_as: str | None = None) -> dict[str, Any]:
+    """Quantized vs fp32 artifact, both through ONNX Runtime on CPU, on the shipped samples,
+    judged with the tolerances of `judged_as` (default: `precision`'s own)."""
     from ..check.loop import compare_runtimes
     from ..check.tolerances import tolerances
     from ..preprocess import load_image, samples
@@ -40,7 +41,7 @@ def parity_report(fp32: Path, quantized: Path, precision: str, tokens: int,
         q_art = OrtArtifact.load(quantized, CPU, verify=False)
     except UserError as e:
         return {"measured": False, "reason": f"ONNX Runtime (CPU) cannot load the {precision} graphs: {e}"}
-    tol = tolerances(ref_art.family, precision)
+    tol = tolerances(ref_art.family, judged_as or precision)
     pairs = list(pairs or samples())
     cases = ((Path(path).name, ref_art.prepare(load_image(path), prompt)) for path, prompt in pairs)
     rows = []
@@ -52,7 +53,7 @@ def parity_report(fp32: Path, quantized: Path, precision: str, tokens: int,
                     "reason": f"ONNX Runtime (CPU) cannot run the {precision} graphs: {_first_line(judged.error)}"}
         rows.append(_row(path, prompt, judged))
     return {"measured": True, "runtime": "onnxruntime", "providers": CPU, "reference": "fp32 artifact (ONNX Runtime)",
-            "tokens": tokens, "tolerances": tol, **_summary(rows, ref_art.plan),
+            "tokens": tokens, "tolerances": tol, "judged_as": judged_as or precision, **_summary(rows, ref_art.plan),
             "passed": not any(r["failures"] for r in rows),
             "failures": [f"{r['input']}: {f}" for r in rows for f in r["failures"]], "inputs": rows}
 

@@ -47,6 +47,7 @@ from ..plan import RoutingPlan
 from ..routing.scoring import apply_rope, scores_from_qk
 from ..routing.select import gather_rows
 from . import ops
+from .attention import cached_attention
 from .precision import _cast
 
 
@@ -95,6 +96,17 @@ def attend(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     out = p_past @ past_v.unsqueeze(2) + p_new @ v.unsqueeze(2)  # (1, nkv, g, T, hd)
     out = out.reshape(b, nh, t, hd).transpose(1, 2).reshape(b, t, nh * hd)
     return out, k, v
+
+
+def attend_in_graph(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, past_length: torch.Tensor):
+    """The fused forms (rewrite/attention.py): rope here, then one op that writes the T rows into
+    the buffer and attends over it. Returns (attention output (1, T, nh*hd), present K, V buffers)."""
+    nh, nkv, hd = _geometry(layer)
+    b, t, _ = q.shape
+    q = apply_rope(q.view(b, t, nh, hd).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, nh * hd)
+    k = apply_rope(k.view(b, t, nkv, hd).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, nkv * hd)
+    return cached_attention(q, k, v, past_k, past_v, past_length, nh, nkv, float(layer.self_attn.scaling))
 
 
 def finish_layer(layer: nn.Module, residual: torch.Tensor, attn_out: torch.Tensor, out_dtype: torch.dtype):
@@ -167,11 +179,14 @@ class Segment(nn.Module):
     Inputs: hidden (1, T, D), for s >= 1 the first layer's query/key/value from head.(s-1),
     position_ids, past_length (1,), then past.{i}.key/value per layer. Outputs: hidden_out
     (1, T, D) (the last segment: logits (1, V) of the last row instead), then new.{i}.key/value
-    (1, nkv, T, hd) per layer, for the runtime to write at past_length.
+    (1, nkv, T, hd) per layer, for the runtime to write at past_length; with a fused attention
+    form (rewrite/attention.py) present.{i}.key/value instead, the buffers with the rows written.
     """
 
-    def __init__(self, decoder: nn.Module, lm_head: nn.Module | None, layers: range, headed: bool) -> None:
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module | None, layers: range, headed: bool,
+                 attention: str = C.PORTABLE) -> None:
         super().__init__()
+        self.attend = attend_in_graph if C.kv_in_graph(attention) else attend
         self.rotary = decoder.rotary_emb
         # keyed by the model's layer index: graph weights are named layers.{i}.* as in the model
         self.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in layers})
@@ -188,7 +203,7 @@ class Segment(nn.Module):
             dt = _dtype(layer)
             residual = _cast(x, dt)
             q, k, v = [_cast(t, dt) for t in qkv] if n == 0 and qkv is not None else project(layer, x)
-            a, k_new, v_new = attend(layer, q, k, v, cos.to(dt), sin.to(dt), past[2 * n], past[2 * n + 1], past_length)
+            a, k_new, v_new = self.attend(layer, q, k, v, cos.to(dt), sin.to(dt), past[2 * n], past[2 * n + 1], past_length)
             x = finish_layer(layer, residual, a, out_dtype)
             new += [k_new, v_new]
         if self.lm_head is None:
@@ -202,11 +217,12 @@ class Segment(nn.Module):
 class Program:
     """The plan's graphs as torch modules: what export traces, and what torch-static runs."""
 
-    def __init__(self, model: nn.Module, family: type[Family], plan: RoutingPlan) -> None:
+    def __init__(self, model: nn.Module, family: type[Family], plan: RoutingPlan, attention: str = C.PORTABLE) -> None:
         decoder, lm_head = family.decoder(model), family.lm_head(model)
-        self.plan = plan
+        self.plan, self.attention = plan, attention
         last = len(plan.segments) - 1
-        self.segments = [Segment(decoder, lm_head if s == last else None, layers, headed=s > 0).eval()
+        self.segments = [Segment(decoder, lm_head if s == last else None, layers, headed=s > 0,
+                                 attention=attention).eval()
                          for s, layers in enumerate(plan.segments)]
         self.heads = [Head(decoder.layers[st.layer], st.layer).eval() for st in plan.stages]
         self.routes = []
@@ -230,7 +246,8 @@ class Program:
         """A role's graph input and output names (contract.py), in forward's argument order."""
         kind, index = role.split(".")[0], int(role.split(".")[1])
         if kind == "segment":
-            return C.segment_io(self.plan.segments[index], index > 0, index == len(self.plan.segments) - 1)
+            return C.segment_io(self.plan.segments[index], index > 0, index == len(self.plan.segments) - 1,
+                                self.attention)
         if kind == "head":
             return C.HEAD_IO
         return C.route_io(index, self.routes[index].chained)

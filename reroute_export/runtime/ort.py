@@ -110,16 +110,25 @@ class Graph:
     """One ORT session fed by name, each input cast to the element type the graph declares
     (fp32 or fp16 graphs take the same host arrays)."""
 
-    def __init__(self, path: Path, providers: list[str], fp16: bool = False) -> None:
+    def __init__(self, path: Path, providers: list[str], fp16: bool = False, model: bytes | None = None) -> None:
+        """`model`: an in-memory edit of the file at `path` (check/layers.py adds outputs to a
+        segment), its external weights still read from beside `path`."""
         self.name = path.name
+        self.on_cpu = providers[0] == "CPUExecutionProvider"
         opts = _session_options(fp16_on_cpu=fp16 and providers[0] == "CPUExecutionProvider")
+        if model is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            self.session = ort.InferenceSession(str(path) if model is None else model, opts, providers=providers)
         except Exception as e:  # noqa: BLE001  (ORT raises its own exception zoo)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load {path}: {first}") from None
         self.input_types = {i.name: _ELEMENT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # fused attention forms: present.{i}.* is written into past.{i}.*'s memory (in place, CPU)
+        prefix = C.present(0, "key").removesuffix("0.key")
+        self.aliases = {o: C.PAST_PREFIX + o.removeprefix(prefix) for o in self.output_names
+                        if o.startswith(prefix) and self.on_cpu}
 
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self.input_types[name])
@@ -132,12 +141,32 @@ class Graph:
             raise RuntimeError(f"{self.name} wants inputs {missing} that the runtime does not provide")
         cast = {n: np.ascontiguousarray(feeds[n], dtype=t) for n, t in self.input_types.items()}
         try:
+            if self.aliases:
+                return self._run_in_place(cast)
             outputs = self.session.run(None, cast)
         except Exception as e:  # noqa: BLE001  (ORT's runtime errors carry the failing node's name)
             text = str(e).strip()
             detail = text[text.find("running "):] if "running " in text else text.splitlines()[0] if text else ""
             raise GraphRunError(f"{self.name} failed in ONNX Runtime: {detail}") from None
         return dict(zip(self.output_names, outputs))
+
+    def _run_in_place(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """IO binding: each present buffer is bound to its past buffer's memory, so the graph's
+        KV write (GroupQueryAttention, TensorScatter) lands in the host's buffer and nothing is
+        copied; the other outputs come back as usual."""
+        io = self.session.io_binding()
+        for name, a in feeds.items():
+            io.bind_input(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+        for name in self.output_names:
+            if name in self.aliases:
+                a = feeds[self.aliases[name]]
+                io.bind_output(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+            else:
+                io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        got = dict(zip(self.output_names, io.get_outputs()))  # OrtValues: read only the unaliased ones
+        return {name: feeds[self.aliases[name]] if name in self.aliases else got[name].numpy()
+                for name in self.output_names}
 
 
 @dataclass
@@ -176,7 +205,7 @@ class OrtArtifact:
             kv_types.update({i: graphs[C.segment(s)].dtype(C.past(i, "key")) for i in self.plan.segments[s]})
         self.layout = Layout(self.plan, list(manifest["shapes"]["cache_tokens"]), int(manifest["shapes"]["num_kv_heads"]),
                              int(manifest["shapes"]["head_dim"]), [kv_types[i] for i in range(self.plan.num_layers)],
-                             self.host.position_dims)
+                             self.host.position_dims, manifest["decoder"].get("attention", C.PORTABLE))
         # visual-token buckets (Qwen2.5-VL): per image size its grid, plan (N_k, K_j), vision and
         # routing graphs; the segments and heads are shared. One bucket when none were exported.
         raw = manifest.get("buckets") or [{"grid": manifest.get("image_grid_thw"), "plan": manifest["plan"],

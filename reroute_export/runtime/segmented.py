@@ -54,6 +54,13 @@ class Layout:
     head_dim: int
     kv_dtypes: list[Any]  # per layer: the dtype its buffers hold (what the segment declares)
     position_dims: int  # 1, or 3 for mRoPE
+    attention: str = C.PORTABLE  # the segments' attention form (export/attention.py)
+
+    @property
+    def in_graph_kv(self) -> bool:
+        """The segments write their rows into the buffers themselves (fused forms): prefill
+        gets the real buffers too, and the host only takes the present buffers back."""
+        return C.kv_in_graph(self.attention)
 
     @property
     def bounds(self) -> list[range]:
@@ -73,15 +80,23 @@ class Cache:
                 self.values.append(xp.zeros(shape, layout.kv_dtypes[i]))
         self.lengths = [0] * len(layout.bounds)
 
-    def write(self, s: int, out: dict[str, Any], t: int) -> None:
-        """Stage s's segment returned t new rows per layer: put them at its current length."""
-        p = self.lengths[s]
-        if p + t > self.layout.cache_tokens[s]:
+    def room(self, s: int, t: int) -> None:
+        """Refuse t more rows than stage s's buffers hold (before a graph would write them)."""
+        if self.lengths[s] + t > self.layout.cache_tokens[s]:
             raise RuntimeError(f"stage {s}'s KV buffer holds {self.layout.cache_tokens[s]} rows; "
-                               f"{p + t} asked (the artifact's max prompt + new tokens)")
+                               f"{self.lengths[s] + t} asked (the artifact's max prompt + new tokens)")
+
+    def write(self, s: int, out: dict[str, Any], t: int) -> None:
+        """Stage s's segment returned t new rows per layer: put them at its current length.
+        In-graph forms wrote them already: keep the present buffers (the same memory when the
+        runtime bound them in place; otherwise the runtime's updated copy replaces ours)."""
+        p = self.lengths[s]
         for i in self.layout.bounds[s]:
-            self.keys[i][:, :, p:p + t] = out[C.new(i, "key")]
-            self.values[i][:, :, p:p + t] = out[C.new(i, "value")]
+            if self.layout.in_graph_kv:
+                self.keys[i], self.values[i] = out[C.present(i, "key")], out[C.present(i, "value")]
+            else:
+                self.keys[i][:, :, p:p + t] = out[C.new(i, "key")]
+                self.values[i][:, :, p:p + t] = out[C.new(i, "value")]
         self.lengths[s] = p + t
 
     def pairs(self) -> list[tuple[Any, Any]]:
@@ -122,8 +137,11 @@ class Decoder:
         return feeds
 
     def _segment(self, s: int, feeds: dict[str, Any], cache: Cache, prefill: bool) -> dict[str, Any]:
-        out = self.call(C.segment(s), {**feeds, **self._past(s, None if prefill else cache)})
-        cache.write(s, out, int(feeds[C.HIDDEN].shape[1]))
+        t = int(feeds[C.HIDDEN].shape[1])
+        cache.room(s, t)
+        dummy = prefill and not self.layout.in_graph_kv  # portable prefill: nothing to read yet
+        out = self.call(C.segment(s), {**feeds, **self._past(s, None if dummy else cache)})
+        cache.write(s, out, t)
         return out
 
     def prefill(self, embeds: Any, positions: Any, visual_start: int) -> tuple[Any, Cache, list[Any]]:

@@ -44,6 +44,7 @@ from .processor import ArtifactProcessor
 from .segmented import Arrays, Decoder
 
 KV_PREFIX = C.new(0, "key").removesuffix("0.key")  # "new.": segment outputs kept on the GPU with device_kv
+PRESENT_PREFIX = C.present(0, "key").removesuffix("0.key")  # "present.": in-graph KV writes (kv-scatter form)
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
                  "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 
@@ -175,6 +176,7 @@ class TrtGraph:
         if missing:
             raise RuntimeError(f"{self.name} wants inputs {missing} that the runtime does not provide")
         keep: list[Any] = []  # every buffer bound below stays alive until the stream is synchronized
+        bound: dict[str, Any] = {}  # input name -> the device tensor bound to it
         with torch.cuda.stream(self.stream) if self.device.type == "cuda" else contextlib.nullcontext():
             if len(self.profiles) > 1:  # before any shape is set: a switch drops the context's shapes
                 self._use_profile(self.select_profile({n: tuple(feeds[n].shape) for n in self.inputs}))
@@ -193,6 +195,7 @@ class TrtGraph:
                     arr = np.array(x, dtype=self._np_dtype(name), order="C")  # writable copy: feeds may be mmap views
                     t = torch.from_numpy(arr).to(self.device).to(self._torch_dtype(name))
                 keep.append(t)
+                bound[name] = t
                 if not ctx.set_input_shape(name, tuple(t.shape)):
                     raise RuntimeError(f"{self.name}: input {name} of shape {tuple(t.shape)} is outside the "
                                        f"engine's optimization profile {self.profile}")
@@ -202,7 +205,9 @@ class TrtGraph:
                 shape = tuple(ctx.get_tensor_shape(name))
                 if any(d < 0 for d in shape):
                     raise RuntimeError(f"{self.name}: output {name} has an unresolved shape {shape}")
-                t = torch.empty(shape, dtype=self._torch_dtype(name), device=self.device)
+                past = C.PAST_PREFIX + name.removeprefix(PRESENT_PREFIX) if name.startswith(PRESENT_PREFIX) else None
+                # IKVCacheUpdateLayer writes the cache in place: its output must alias the cache input
+                t = bound[past] if past in bound else torch.empty(shape, dtype=self._torch_dtype(name), device=self.device)
                 outputs[name] = t
                 ctx.set_tensor_address(name, t.data_ptr())
             if not ctx.execute_async_v3(self.stream.cuda_stream):
@@ -268,7 +273,7 @@ class TrtArtifact(OrtArtifact):
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
         stream = torch.cuda.Stream()
-        kv = (KV_PREFIX,) if device_kv else ()
+        kv = (KV_PREFIX, PRESENT_PREFIX) if device_kv else ()
         graphs = {r: TrtGraph(folder / files[r], runtime, trt, torch, stream, kv if r.startswith("segment") else ())
                   for r in roles}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")
