@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from ..files import write_json
 from ..paths import shown_dir
@@ -39,13 +39,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     manifest = calibrate(args.artifact, args.output, args.precision, recipe=args.recipe, force=args.force,
                          quiet=quiet, library=getattr(args, "library", None),
                          calibration_set=getattr(args, "calibration_set", None))
+    return finish(args, manifest, quiet, "calibrate", print_summary)
+
+
+def finish(args: argparse.Namespace, manifest: dict[str, Any], quiet: bool, command: str,
+           summary: Callable[[dict[str, Any], str], None]) -> int:
+    """--json, the summary, and the exit code by the written artifact's parity (calibrate, quantize):
+    0 within tolerances, 1 failed or could not be measured."""
     if args.json:
         write_json(args.json, manifest)
     parity = manifest["calibration_parity"]
     if not quiet:
-        print_summary(manifest, args.output)
+        summary(manifest, args.output)
     if not parity.get("measured"):
-        print(f"reroute-export: calibrate: wrote {shown_dir(args.output)} but could not measure its parity: "
+        print(f"reroute-export: {command}: wrote {shown_dir(args.output)} but could not measure its parity: "
               f"{parity['reason']}", file=sys.stderr)
         return 1
     return 0 if parity["passed"] else 1

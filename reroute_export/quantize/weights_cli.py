@@ -6,12 +6,10 @@ one-line "needs the full install" stand-in instead (full_install.register_stage)
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from ..files import write_json
-from ..paths import shown_dir
 from .calibration_set import CALIBRATION_ENV
+from .cli import finish
 from .encodings import BLOCKS, ENCODINGS
 from .weights import METHODS, WEIGHTS, print_summary, quantize_weights
 
@@ -41,13 +39,4 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     manifest = quantize_weights(args.artifact, args.output, weights=args.weights, method=args.method,
                                 block=args.block, encoding=args.encoding, force=args.force, quiet=quiet,
                                 calibration_set=args.calibration_set)
-    if args.json:
-        write_json(args.json, manifest)
-    parity = manifest["calibration_parity"]
-    if not quiet:
-        print_summary(manifest, args.output)
-    if not parity.get("measured"):
-        print(f"reroute-export: quantize: wrote {shown_dir(args.output)} but could not measure its parity: "
-              f"{parity['reason']}", file=sys.stderr)
-        return 1
-    return 0 if parity["passed"] else 1
+    return finish(args, manifest, quiet, "quantize", print_summary)
