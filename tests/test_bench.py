@@ -156,6 +156,8 @@ def test_random_weights_run_in_another_dtype_skip_the_artifact_backends() -> Non
     ({"methods": ["reroute", "prune"]}, "unknown method"),
     ({"backends": ["tvm"]}, "unknown backend"),
     ({"repeats": 0}, "--repeats must be >= 1"),
+    ({"precisions": ["int3"]}, "unknown precision"),
+    ({"precisions": ["fp32", "int4"]}, "applies to the onnxruntime backend"),
     ({"budget": 1000}, "budget 1000 out of range"),
 ])
 def test_bad_input_is_one_line_user_error(kwargs, message) -> None:

@@ -209,3 +209,43 @@ def test_bad_inputs_are_one_line_exit_2(fp32, tmp_path, capsys) -> None:
     with pytest.raises(UserError, match="--block must be one of 32, 64, 128"):
         quantize_weights(fp32, out, block=48)
     assert not out.exists()
+
+
+def test_parity_is_skipped_when_asked_or_when_it_cannot_fit(fp32, tmp_path, capsys, monkeypatch) -> None:
+    """--no-parity, and a machine without room for both artifacts' sessions (a 7B fp16 -> int4
+    parity peaked at 22.6 GB): the artifact is written, parity says why it was not measured,
+    and the exit code is 1 (unmeasured), as for a failure."""
+    assert main(["quantize", "--artifact", str(fp32), "--weights", "int8", "--output", str(tmp_path / "a"),
+                 "--no-parity"]) == 1
+    assert "parity vs source: not measured (not asked for" in capsys.readouterr().out
+    assert (tmp_path / "a" / "manifest.json").is_file()
+    from reroute_export import checkpoint_files
+
+    monkeypatch.setattr(checkpoint_files, "available_bytes", lambda: 1 << 20)
+    m = quantize_weights(fp32, tmp_path / "b", weights="int8", block=BLOCK, quiet=True)
+    p = m["calibration_parity"]
+    assert not p["measured"] and p["reason"].startswith("skipped: parity needs ~0.0 GiB")
+    assert "0.0 GiB available" in p["reason"] and "reroute-export parity --artifact" in p["reason"]
+
+
+def test_routing_projections_can_be_quantized_too(fp32, tmp_path) -> None:
+    """--routing-projections quantize: head.j's q/k join the quantized Linears (fewer kept
+    float, fewer bytes), the manifest says so, and the artifact still runs its routing."""
+    kept = quantize_weights(fp32, tmp_path / "kept", weights="int4", block=BLOCK, quiet=True, parity=False)
+    rq = quantize_weights(fp32, tmp_path / "rq", weights="int4", block=BLOCK, quiet=True, parity=False,
+                          routing_projections="quantize")
+    assert (kept["quantization"]["routing_projections"], rq["quantization"]["routing_projections"]) == ("float", "quantize")
+
+    def reasons(m):
+        return [x["reason"] for g in m["quantization"]["graphs"].values() for x in g.get("kept_float", [])]
+
+    assert any("routing scores" in r for r in reasons(kept)) and not any("routing scores" in r for r in reasons(rq))
+    assert rq["quantization"]["weight_bytes"]["after"] < kept["quantization"]["weight_bytes"]["after"]
+    art = OrtArtifact.load(tmp_path / "rq", ["CPUExecutionProvider"], verify=False)
+    from reroute_export.preprocess import load_image, samples
+
+    path, prompt = samples()[0]
+    trace = art.trace(art.prepare(load_image(path), prompt), 2)
+    assert [len(v) for v in trace.decisions.values()] == [s.keep for s in art.plan.stages]
+    with pytest.raises(UserError, match="unknown routing projections"):
+        quantize_weights(fp32, tmp_path / "bad", routing_projections="int2", quiet=True)

@@ -1,6 +1,6 @@
 """`reroute-export bench`: measured prefill / decode speed next to the planner's figures.
 
-For every (method, backend) on the same inputs in one run: vision ms, prefill ms (p50,
+For every (method, backend, precision) on the same inputs in one run: vision ms, prefill ms (p50,
 p90), decode ms/token, peak memory, and the analytic figures of `plan.plan_report`
 (prefill TFLOPs with and without the vision tower, KV-cache bytes, the theoretical
 token-layer speedup vs `none`). A summary holds the three ratios the project tracks:
@@ -41,7 +41,20 @@ in the summary; traffic.py): the bytes the fixed buffers move (one new row writt
 layer, the M_s-row buffers read by attention) against the concat layout they replaced (a
 copy of the whole cache per layer per step), from the plan and the prompt length.
 
+Precisions (--precisions fp32,fp16,int8,int4; the onnxruntime backend): one record per
+(method, precision). fp16 is `export --precision fp16`; int8/int4 are weight-only artifacts
+`quantize` makes from the fp32 one (config.QUANTIZE: rtn, block 128, MatMulNBits). Each
+record holds `weight_bytes` (every graph) and `decoder_weight_bytes` (segment and head
+graphs: what a decode step reads), read from the graph headers; the other precisions'
+memory passes are judged against fp32's (`agreement.reference` "onnxruntime fp32": routing
+overlap per stage, greedy tokens), and the summary's `per_precision` holds the ratios to
+fp32 and fp16. Floors (floors.py), measured once per run before any backend: the machine's
+copy bandwidth and a plain GEMM's FLOP rate; every record gets `decode_floor_ms` (decoder
+weight bytes + the KV rows attention reads, at copy speed), `prefill_floor_ms` (the plan's
+prefill FLOPs at the GEMM rate) and how far above each it ran.
+
 config.py   what a run is asked for (BenchConfig), checked against the library's names
+floors.py   copy bandwidth and GEMM rate of this machine; weight bytes per record
 memory.py   RSS and torch.cuda peak memory of one pass
 traffic.py  KV-cache bytes moved per decode step, fixed buffers vs the concat layout
 timing.py   Samples, percentiles, one timed pass over a runtime.base.Run

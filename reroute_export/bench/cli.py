@@ -7,7 +7,7 @@ from typing import Any
 
 from ..plan import METHODS
 from ..runtime import BACKENDS
-from .config import DEFAULT_BACKENDS, DEFAULT_METHODS, DTYPES
+from .config import DEFAULT_BACKENDS, DEFAULT_METHODS, DEFAULT_PRECISIONS, DTYPES, PRECISIONS, QUANTIZE
 
 
 def _names(text: str) -> list[str]:
@@ -26,6 +26,11 @@ def register_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--backends", type=_names, default=list(DEFAULT_BACKENDS),
                    help=f"comma-separated: {','.join(BACKENDS)} (default: {','.join(DEFAULT_BACKENDS)}); "
                         "torch-static runs the export's static-shape modules, as CUDA graphs on a GPU")
+    p.add_argument("--precisions", type=_names, default=list(DEFAULT_PRECISIONS),
+                   help=f"comma-separated weight precisions of the onnxruntime backend's artifacts: "
+                        f"{','.join(PRECISIONS)} (default fp32); int8/int4 are weight-only, quantized from the "
+                        f"fp32 artifact ({QUANTIZE['method']}, block {QUANTIZE['block']}, {QUANTIZE['encoding']}); "
+                        "each is judged against fp32 and timed against the machine's floors measured in the run")
     p.add_argument("--device", default="cpu", help="where the torch backends run: cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), help="torch backends' weights (default fp32 on cpu, fp16 on cuda)")
     p.add_argument("--random-weights", action="store_true",
@@ -50,7 +55,7 @@ def _payload(args: argparse.Namespace, records: list[dict[str, Any]], load_befor
 
     return {
         "bench": {"model": args.model, "budget": args.budget, "methods": list(args.methods),
-                  "backends": list(args.backends), "repeats": args.repeats, "warmup": args.warmup,
+                  "backends": list(args.backends), "precisions": list(args.precisions), "repeats": args.repeats, "warmup": args.warmup,
                   "threads": args.threads, "decode_tokens": args.decode_tokens, "device": args.device,
                   "dtype": args.dtype or ("fp32" if args.device == "cpu" else "fp16"),
                   "random_weights": args.random_weights},
@@ -69,7 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     records = run_bench(args.model, args.budget, args.methods, args.backends, args.repeats, args.warmup,
                         args.threads, progress=not args.quiet and args.json != "-",
                         decode_tokens=args.decode_tokens, artifacts=args.artifacts, device=args.device,
-                        dtype=args.dtype, random_weights=args.random_weights)
+                        dtype=args.dtype, random_weights=args.random_weights, precisions=args.precisions)
     payload = _payload(args, records, load_before)
     if args.json:
         write_json(args.json, payload)

@@ -12,6 +12,12 @@ from ..runtime import BACKENDS
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype -> torch dtype name
 DEFAULT_METHODS = METHODS
 DEFAULT_BACKENDS = ("torch", "onnxruntime")
+# --precisions: the onnxruntime backend's artifacts. fp32/fp16 as `export --precision` writes
+# them; int8/int4 weight-only from the fp32 artifact (`quantize`, rtn, its default block and
+# encoding: QUANTIZE); each adds one record per method.
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+DEFAULT_PRECISIONS = ("fp32",)
+QUANTIZE = {"method": "rtn", "block": 128, "encoding": "matmulnbits"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class BenchConfig:
     device: str = "cpu"  # where the torch backends run ("cuda", "cuda:1", ...)
     dtype: str | None = None  # torch backends' weights: fp32 on the CPU, fp16 on a GPU by default
     random_weights: bool = False  # a real architecture (llava-1.5-7b) with seeded random weights
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS  # the onnxruntime backend's artifacts (PRECISIONS)
 
     @property
     def torch_dtype(self) -> str:
@@ -56,6 +63,12 @@ def check_config(cfg: BenchConfig) -> None:
     _check_names("backend", cfg.backends, BACKENDS)
     if len(set(cfg.methods)) != len(cfg.methods) or len(set(cfg.backends)) != len(cfg.backends):
         raise UserError("--methods and --backends take each name once")
+    _check_names("precision", cfg.precisions, PRECISIONS)
+    if len(set(cfg.precisions)) != len(cfg.precisions):
+        raise UserError("--precisions takes each name once")
+    if cfg.precisions != DEFAULT_PRECISIONS and "onnxruntime" not in cfg.backends:
+        raise UserError(f"--precisions {','.join(cfg.precisions)} applies to the onnxruntime backend, "
+                        "which this run does not ask for (--backends)")
     if cfg.torch_dtype not in DTYPES:
         raise UserError(f"unknown --dtype {cfg.torch_dtype}; known: {', '.join(DTYPES)}")
     _check_device(cfg.device)

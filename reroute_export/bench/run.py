@@ -15,7 +15,9 @@ from ..check.loop import Observed
 from ..errors import UserError
 from ..runtime import ARTIFACT_BACKENDS, BACKENDS, TORCH_BACKENDS
 from ..runtime.base import Greedy, Run, Runtime, greedy, trace_of
-from .config import DEFAULT_BACKENDS, DEFAULT_METHODS, DTYPES, BenchConfig, check_config
+from .config import DEFAULT_BACKENDS, DEFAULT_METHODS, DEFAULT_PRECISIONS, DTYPES, QUANTIZE, BenchConfig, check_config
+from .floors import artifact_weight_bytes, floor_fields, torch_weight_bytes
+from .floors import measure as measure_floors
 from .memory import rss_mb, working_memory_mb
 from .report import add_measured_speedup, agreement
 from .timing import Samples, timed_pass
@@ -79,33 +81,59 @@ def _plans(loaded: Loaded, cfg: BenchConfig) -> dict[str, Any]:
     return {m: make_plan(loaded.spec, m, budget=None if m == "none" else cfg.budget) for m in cfg.methods}
 
 
-def _reusable(folder: Path, loaded: Loaded, plan: Any, target: str) -> bool:
-    """An artifact of an earlier run for this model and plan (with engines, for trt)."""
+def _manifest_or_none(folder: Path) -> dict[str, Any] | None:
     from ..export.artifact import read_manifest
 
     if not (folder / "manifest.json").is_file():
-        return False
+        return None
     try:
-        manifest = read_manifest(folder, verify=False)
+        return read_manifest(folder, verify=False)
     except UserError:
+        return None
+
+
+def _reusable(folder: Path, loaded: Loaded, plan: Any, target: str, precision: str = "fp32") -> bool:
+    """An artifact of an earlier run for this model, plan and precision (with engines, for trt)."""
+    manifest = _manifest_or_none(folder)
+    if manifest is None:
         return False
-    same = manifest.get("model") == loaded.spec.name and manifest.get("plan") == plan.to_dict()
+    same = (manifest.get("model") == loaded.spec.name and manifest.get("plan") == plan.to_dict()
+            and manifest.get("precision") == precision)
     return same and (target == "onnx" or bool((manifest.get("trt") or {}).get("built")))
 
 
-def _export(loaded: Loaded, plan: Any, inputs: Any, folder: Path, target: str = "onnx") -> float:
+def _export(loaded: Loaded, plan: Any, inputs: Any, folder: Path, target: str = "onnx",
+            precision: str = "fp32") -> float:
     """Export (or reuse) the artifact for `plan`; seconds spent exporting (0 when reused).
     target "trt" also builds TensorRT engines (where TensorRT and a GPU are present)."""
     from ..pipeline import ExportOptions, export_artifact
 
-    if _reusable(folder, loaded, plan, target):
+    if _reusable(folder, loaded, plan, target, precision):
         return 0.0
     t0 = time.perf_counter()
     result = export_artifact(loaded, plan, inputs, folder,
-                             ExportOptions(check=False, quiet=True, force=True, target=target))
+                             ExportOptions(precision=precision, check=False, quiet=True, force=True, target=target))
     if target == "trt" and not result.engines_built:
         trt = result.manifest.get("trt", {})
         raise _Skip(f"skipped: no TensorRT engine was built ({trt.get('reason') or trt.get('error') or 'unknown'})")
+    return time.perf_counter() - t0
+
+
+def _quantized(source: Path, folder: Path, weights: str) -> float:
+    """Weight-only quantize (or reuse) the fp32 artifact at `source` into `folder` with the
+    bench's recipe (config.QUANTIZE); seconds spent (0 when reused). No parity pass: the
+    bench judges the quantized record against the fp32 one itself."""
+    from ..export.artifact import sha256_file
+    from ..quantize.weights import PRECISION, quantize_weights
+
+    manifest = _manifest_or_none(folder)
+    q = (manifest or {}).get("quantization") or {}
+    if (manifest is not None and manifest.get("precision") == PRECISION[weights]
+            and all(q.get(k) == v for k, v in QUANTIZE.items())
+            and (q.get("source_artifact") or {}).get("manifest_sha256") == sha256_file(source / "manifest.json")):
+        return 0.0
+    t0 = time.perf_counter()
+    quantize_weights(source, folder, weights=weights, **QUANTIZE, force=True, quiet=True, parity=False)
     return time.perf_counter() - t0
 
 
@@ -163,33 +191,73 @@ def _torch_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any
     from ..runtime.torch_static import TorchStaticRuntime
 
     x = inputs.to(cfg.device)
+    sizes = torch_weight_bytes(loaded)
+    d = cfg.torch_dtype
     if backend == "torch":
         runtimes: dict[str, Runtime] = {m: EagerRuntime(loaded, plans[m]) for m in cfg.methods}
-        return {m: _Bound(rt, rt.bind(x)) for m, rt in runtimes.items()}
+        return {(m, d): _Bound(rt, rt.bind(x), extra=dict(sizes)) for m, rt in runtimes.items()}
     with steps.step("torch-static: build" + (" and capture CUDA graphs" if cfg.device != "cpu" else "")):
         runtimes = {m: TorchStaticRuntime(loaded, plans[m], cfg.decode_tokens) for m in cfg.methods}
         runs = {m: rt.bind(x) for m, rt in runtimes.items()}
-        return {m: _Bound(rt, runs[m], layout=runs[m].decoder.layout) for m, rt in runtimes.items()}
+        return {(m, d): _Bound(rt, runs[m], extra=dict(sizes), layout=runs[m].decoder.layout)
+                for m, rt in runtimes.items()}
+
+
+def backend_precisions(backend: str, cfg: BenchConfig) -> tuple[str, ...]:
+    """The precisions a backend's records are measured at: the torch dtype for the torch
+    backends, --precisions for onnxruntime, fp32 for tensorrt."""
+    if backend in TORCH_BACKENDS:
+        return (cfg.torch_dtype,)
+    return cfg.precisions if backend == "onnxruntime" else DEFAULT_PRECISIONS
+
+
+def _artifact_folders(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any, root: Path,
+                      cfg: BenchConfig, steps: Steps) -> dict[tuple[str, str], tuple[Path, float]]:
+    """Every (method, precision)'s artifact folder, exported or quantized (or reused), with
+    the seconds that took."""
+    target, suffix = ("trt", "-trt") if backend == "tensorrt" else ("onnx", "")
+    out = {}
+    for m in cfg.methods:
+        fp32 = root / f"{loaded.spec.name}-{m}{suffix}"
+        for p in backend_precisions(backend, cfg):
+            folder = fp32 if p == "fp32" else root / f"{loaded.spec.name}-{m}{suffix}-{p}"
+            if p in ("fp32", "fp16"):
+                with steps.step(f"export {m} artifact ({backend}, {p})"):
+                    out[(m, p)] = folder, _export(loaded, plans[m], inputs, folder, target, p)
+            else:
+                if (m, "fp32") not in out:
+                    with steps.step(f"export {m} artifact ({backend}, fp32, to quantize)"):
+                        _export(loaded, plans[m], inputs, fp32, target)
+                with steps.step(f"quantize {m} artifact ({p} weights, {QUANTIZE['method']}, "
+                                f"block {QUANTIZE['block']})"):
+                    out[(m, p)] = folder, _quantized(fp32, folder, p)
+    return out
+
+
+def _artifact_steps(precisions: Sequence[str]) -> int:
+    """Progress steps per method: one per precision, and the fp32 export a quantized one needs."""
+    quantized = any(p not in ("fp32", "fp16") for p in precisions)
+    return len(precisions) + (quantized and "fp32" not in precisions)
 
 
 def _artifact_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any, root: Path,
-                   cfg: BenchConfig, steps: Steps) -> dict[str, _Bound]:
-    """Export every method's artifact (engines too for tensorrt), then load and bind them all."""
-    target, suffix = ("trt", "-trt") if backend == "tensorrt" else ("onnx", "")
-    folders = {m: root / f"{loaded.spec.name}-{m}{suffix}" for m in cfg.methods}
-    export_s = {}
-    for m in cfg.methods:
-        with steps.step(f"export {m} artifact ({backend})"):
-            export_s[m] = _export(loaded, plans[m], inputs, folders[m], target)
+                   cfg: BenchConfig, steps: Steps) -> dict[tuple[str, str], _Bound]:
+    """Export every (method, precision)'s artifact (engines too for tensorrt), then load and
+    bind them all."""
+    folders = _artifact_folders(backend, loaded, plans, inputs, root, cfg, steps)
     gc.collect()
     bound = {}
-    for m in cfg.methods:
+    for key, (folder, seconds) in folders.items():
         before = rss_mb()
-        rt = _load_artifact(folders[m], cfg.threads, backend)
+        rt = _load_artifact(folder, cfg.threads, backend)
         run = rt.bind(inputs)  # the host side of prefill, done once: the timer holds the graphs alone
         extra = ({"providers": rt.providers, "ort_threading": f"{cfg.threads} intra-op threads per session, "
                   "per-session pools (runtime default)"} if backend == "onnxruntime" else {"kv_on_device": True})
-        bound[m] = _Bound(rt, run, rss_mb() - before, {**extra, "export_s": export_s[m]}, layout=rt.layout)
+        made = "quantize_s" if key[1] in ("int8", "int4") else "export_s"
+        bound[key] = _Bound(rt, run, rss_mb() - before,
+                            {**extra, made: seconds, **artifact_weight_bytes(folder),
+                             **({"quantization": dict(QUANTIZE)} if made == "quantize_s" else {})},
+                            layout=rt.layout)
     return bound
 
 
@@ -199,7 +267,8 @@ def _memory_pass(run: Run, decode_tokens: int) -> tuple[float, float, Greedy]:
     return working_memory_mb(run, lambda: (run.vision(), greedy(run, decode_tokens + 1))[1])
 
 
-def _round_robin(bound: dict[str, _Bound], cfg: BenchConfig, steps: Steps, backend: str) -> dict[str, _Measured]:
+def _round_robin(bound: dict[tuple[str, str], _Bound], cfg: BenchConfig, steps: Steps, backend: str
+                 ) -> dict[tuple[str, str], _Measured]:
     samples = {m: Samples() for m in bound}
     passes = {}
     order = list(bound)
@@ -228,7 +297,7 @@ def _artifact_root(cfg: BenchConfig, live: list[str]) -> Iterator[Path | None]:
 
 
 def _measure_backend(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any, root: Path | None,
-                     cfg: BenchConfig, steps: Steps) -> dict[str, _Measured]:
+                     cfg: BenchConfig, steps: Steps) -> dict[tuple[str, str], _Measured]:
     if backend in TORCH_BACKENDS:
         bound = _torch_runs(backend, loaded, plans, inputs, cfg, steps)
     else:
@@ -244,18 +313,19 @@ def _measure_backend(backend: str, loaded: Loaded, plans: dict[str, Any], inputs
 
 
 def _measure(loaded: Loaded, plans: dict[str, Any], inputs: Any, cfg: BenchConfig, live: list[str],
-             skipped: dict[str, str], progress: bool) -> dict[tuple[str, str], _Measured]:
+             skipped: dict[str, str], progress: bool) -> dict[tuple[str, str, str], _Measured]:
     """Every live backend in turn; one that turns out unable to run joins `skipped`."""
     import torch
 
     from ..progress import Steps
 
     rounds = cfg.warmup + cfg.repeats
-    exports = sum(b in ARTIFACT_BACKENDS for b in live) * len(cfg.methods) + ("torch-static" in live)
+    exports = sum(_artifact_steps(backend_precisions(b, cfg)) for b in live if b in ARTIFACT_BACKENDS)
+    exports = exports * len(cfg.methods) + ("torch-static" in live)
     steps = Steps(len(live) * (rounds + 1) + exports, quiet=not progress, title="bench")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    out: dict[tuple[str, str], _Measured] = {}
+    out: dict[tuple[str, str, str], _Measured] = {}
     try:
         with _artifact_root(cfg, live) as root:
             for backend in live:
@@ -264,7 +334,7 @@ def _measure(loaded: Loaded, plans: dict[str, Any], inputs: Any, cfg: BenchConfi
                 except _Skip as e:
                     skipped[backend] = str(e)
                     continue
-                out.update({(m, backend): x for m, x in measured.items()})
+                out.update({(m, backend, p): x for (m, p), x in measured.items()})
     finally:
         steps.close()
         torch.set_num_threads(threads_before)
@@ -274,16 +344,25 @@ def _measure(loaded: Loaded, plans: dict[str, Any], inputs: Any, cfg: BenchConfi
 # ---------------------------------------------------------------- records
 
 
-def _agreements(measured: dict[tuple[str, str], _Measured], plans: dict[str, Any],
-                cfg: BenchConfig) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per method, every backend's memory pass judged against the reference backend's: the
-    eager torch one when it ran, else the first that did."""
+def _agreements(measured: dict[tuple[str, str, str], _Measured], plans: dict[str, Any],
+                cfg: BenchConfig) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Per method, every record's memory pass judged against a reference's. Records at a
+    backend's own precision (the torch dtype, fp32 artifacts): against the eager torch
+    backend when it ran, else the first that did. Other precisions of onnxruntime (fp16,
+    int8, int4): against its fp32 record, so what is judged is the precision alone."""
     out = {}
     for m in cfg.methods:
-        ran = sorted((b for b in cfg.backends if (m, b) in measured), key=lambda b: b != "torch")  # stable
-        seen = {b: _observed(plans[m], measured[(m, b)].memory_pass) for b in ran}
-        for b in ran[1:]:
-            out[(m, b)] = {"reference": ran[0], **agreement(seen[ran[0]], seen[b])}
+        base = [(b, backend_precisions(b, cfg)[0]) for b in cfg.backends]
+        ran = sorted((k for k in base if (m, *k) in measured), key=lambda k: k[0] != "torch")  # stable
+        seen = {k: _observed(plans[m], measured[(m, *k)].memory_pass) for k in ran}
+        for k in ran[1:]:
+            out[(m, *k)] = {"reference": ran[0][0], **agreement(seen[ran[0]], seen[k])}
+        fp32 = (m, "onnxruntime", "fp32")
+        for p in cfg.precisions:
+            if fp32 in measured and p != "fp32" and (m, "onnxruntime", p) in measured:
+                got = _observed(plans[m], measured[(m, "onnxruntime", p)].memory_pass)
+                ref = _observed(plans[m], measured[fp32].memory_pass)
+                out[(m, "onnxruntime", p)] = {"reference": "onnxruntime fp32", **agreement(ref, got)}
     return out
 
 
@@ -292,11 +371,13 @@ def _observed(plan: Any, g: Greedy) -> Observed:
 
 
 def _record_base(cfg: BenchConfig, loaded: Loaded, plan: Any, rep: dict[str, Any], method: str, backend: str,
-                 inputs: Any) -> dict[str, Any]:
+                 precision: str, inputs: Any) -> dict[str, Any]:
     return {
         "model": loaded.spec.name, "method": method, "backend": backend,
         "device": cfg.device if backend in TORCH_BACKENDS else ("cuda" if backend == "tensorrt" else "cpu"),
-        "dtype": cfg.torch_dtype if backend in TORCH_BACKENDS else "fp32",
+        "dtype": precision if precision in _ELEM_BYTES else "fp32",  # activations (int8/int4: weights only)
+        "precision": precision,  # weights
+        "baseline_precision": precision == backend_precisions(backend, cfg)[0],
         "random_weights": loaded.random_weights,
         "budget": None if method == "none" else cfg.budget,
         "stages": [{"layer": s.layer, "keep": s.keep} for s in plan.stages],
@@ -357,7 +438,8 @@ def _measured_fields(x: _Measured, agreed: dict[str, Any] | None) -> dict[str, A
 
 
 def _records(cfg: BenchConfig, loaded: Loaded, plans: dict[str, Any], inputs: Any,
-             measured: dict[tuple[str, str], _Measured], skipped: dict[str, str]) -> list[dict[str, Any]]:
+             measured: dict[tuple[str, str, str], _Measured], skipped: dict[str, str],
+             floors: dict[str, Any]) -> list[dict[str, Any]]:
     from ..plan import plan_report
 
     text_tokens = int(inputs.input_ids.shape[1]) - plans[cfg.methods[0]].visual_tokens
@@ -365,15 +447,18 @@ def _records(cfg: BenchConfig, loaded: Loaded, plans: dict[str, Any], inputs: An
     agreed = _agreements(measured, plans, cfg)
     records = []
     for backend in cfg.backends:
-        for m in cfg.methods:
-            base = _record_base(cfg, loaded, plans[m], reports[m], m, backend, inputs)
-            x = measured.get((m, backend)) if backend not in skipped else None
-            base["kv_traffic_per_decode_step"] = _traffic(loaded, plans[m], backend, base["dtype"],
-                                                          base["prompt_tokens"], cfg, x.layout if x else None)
-            if backend in skipped:
-                records.append({**base, "status": skipped[backend]})
-            else:
-                records.append({**base, **_measured_fields(measured[(m, backend)], agreed.get((m, backend)))})
+        for p in backend_precisions(backend, cfg):
+            for m in cfg.methods:
+                base = _record_base(cfg, loaded, plans[m], reports[m], m, backend, p, inputs)
+                key = (m, backend, p)
+                x = measured.get(key) if backend not in skipped else None
+                base["kv_traffic_per_decode_step"] = _traffic(loaded, plans[m], backend, base["dtype"],
+                                                              base["prompt_tokens"], cfg, x.layout if x else None)
+                if x is None:
+                    records.append({**base, "status": skipped.get(backend, "skipped: not measured")})
+                    continue
+                record = {**base, **_measured_fields(x, agreed.get(key)), "floors": floors}
+                records.append({**record, **floor_fields(record, floors)})
     add_measured_speedup(records)
     return records
 
@@ -393,11 +478,12 @@ def run_bench(
     device: str = "cpu",
     dtype: str | None = None,
     random_weights: bool = False,
+    precisions: Sequence[str] = DEFAULT_PRECISIONS,
 ) -> list[dict[str, Any]]:
-    """One record per (method, backend); see the package docstring for what is measured."""
+    """One record per (method, backend, precision); see the package docstring for what is measured."""
     cfg = BenchConfig(model_name, float(budget), tuple(methods), tuple(backends), int(repeats), int(warmup),
                       int(threads), int(decode_tokens), Path(artifacts) if artifacts else None, device, dtype,
-                      random_weights)
+                      random_weights, tuple(precisions))
     check_config(cfg)
     import torch
 
@@ -408,5 +494,7 @@ def run_bench(
     inputs = bench_inputs(loaded)
     skipped = _skipped(cfg)
     live = [b for b in BACKENDS if b in cfg.backends and b not in skipped]  # torch first: it exports nothing
+    floors = measure_floors(loaded.spec, int(inputs.input_ids.shape[1]), cfg.threads, cfg.device,
+                            cfg.torch_dtype)  # before any backend: the machine as quiet as the run finds it
     measured = _measure(loaded, plans, inputs, cfg, live, skipped, progress)
-    return _records(cfg, loaded, plans, inputs, measured, skipped)
+    return _records(cfg, loaded, plans, inputs, measured, skipped, floors)

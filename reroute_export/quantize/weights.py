@@ -76,6 +76,7 @@ METHODS = ("rtn", "awq")
 PRECISION = {w: f"{w}-weight" for w in WEIGHTS}
 SOURCE_PRECISIONS = ("fp32", "fp16")
 ROUTING_PROJECTIONS = "float"  # head.j q/k: see the module docstring for the measurement
+ROUTING_CHOICES = ("float", "quantize")
 JUDGED_AS = "int8"  # parity bounds: routing overlap >= 0.7, logits cosine >= 0.9
 PARITY_TOKENS = 16
 QUANTIZED_KINDS = ("segment", "head")
@@ -389,18 +390,24 @@ def _source_manifest(src: Path) -> dict[str, Any]:
 
 def quantize_weights(artifact: str | Path, output: str | Path, weights: str = "int4", method: str = "rtn",
                      block: int = 128, encoding: str = "matmulnbits", force: bool = False, quiet: bool = False,
-                     calibration_set: str | Path | None = None) -> dict[str, Any]:
+                     calibration_set: str | Path | None = None, parity: bool = True,
+                     routing_projections: str = ROUTING_PROJECTIONS) -> dict[str, Any]:
     """Weight-only quantize the artifact at `artifact` into `output`; returns the new manifest.
 
     Never raises for a parity failure (manifest["calibration_parity"]["passed"] / ["measured"]);
-    raises UserError (nothing written) for inputs it cannot use."""
-    return _quantize(Path(artifact), Path(output), weights, method, block, encoding, force, quiet, calibration_set)
+    raises UserError (nothing written) for inputs it cannot use. `parity=False` skips the
+    parity pass (bench judges its quantized records against the fp32 ones itself).
+    `routing_projections="quantize"` also quantizes head.j's q/k (module docstring)."""
+    return _quantize(Path(artifact), Path(output), weights, method, block, encoding, force, quiet, calibration_set,
+                     parity=parity, routing_projections=routing_projections)
 
 
 def _quantize(src: Path, out: Path, weights: str, method: str, block: int, encoding: str, force: bool, quiet: bool,
               calibration_set: str | Path | None, *, parity: bool = True,
               routing_projections: str = ROUTING_PROJECTIONS) -> dict[str, Any]:
     _check_args(weights, method, block, encoding)
+    if routing_projections not in ROUTING_CHOICES:
+        raise UserError(f"unknown routing projections {routing_projections!r}; known: {', '.join(ROUTING_CHOICES)}")
     _check_paths(src, out, force)
     recipe = awq.load_awq_recipe() if method == "awq" else None
     opts = Options(BITS[weights], block, encoding)
@@ -419,16 +426,35 @@ def _quantize(src: Path, out: Path, weights: str, method: str, block: int, encod
             with steps.step("embeddings, preprocessor, manifest"):
                 shutil.copy2(src / C.EMBEDDINGS, w.path / C.EMBEDDINGS)
                 shutil.copytree(src / C.PREPROCESSOR, w.path / C.PREPROCESSOR)
-                new = _manifest(manifest, src, weights, method, block, encoding, graphs, recipe, groups)
+                new = _manifest(manifest, src, weights, method, block, encoding, graphs, recipe, groups,
+                                routing_projections)
                 w.write_manifest(new)
             with steps.step("parity: quantized vs source (ONNX Runtime, CPU)"):
+                why = "not asked for (--no-parity, or parity=False)" if not parity else _parity_memory(new)
                 new["calibration_parity"] = (parity_report(src, w.path, PRECISION[weights], PARITY_TOKENS,
-                                                           judged_as=JUDGED_AS) if parity else
-                                             {"measured": False, "reason": "not asked for"})
+                                                           judged_as=JUDGED_AS) if why is None else
+                                             {"measured": False, "reason": why})
             w.write_manifest(new)
     finally:
         steps.close()
     return new
+
+
+PARITY_MEMORY = 1.3  # parity's peak RSS / (source + quantized weight bytes): 22.6 GB for a 7B fp16 -> int4
+
+
+def _parity_memory(manifest: dict[str, Any]) -> str | None:
+    """None when both artifacts' ONNX Runtime sessions fit in the available memory, else why not."""
+    from ..checkpoint_files import available_bytes
+
+    b = manifest["quantization"]["weight_bytes"]
+    need = PARITY_MEMORY * (b["before"] + b["after"])
+    avail = available_bytes()
+    if avail is None or need <= avail:
+        return None
+    return (f"skipped: parity needs ~{need / 2**30:.1f} GiB (the source's and the quantized artifact's ONNX "
+            f"Runtime sessions side by side), {avail / 2**30:.1f} GiB available; run `reroute-export parity "
+            f"--artifact DIR` on a machine with more memory")
 
 
 def _plans(src: Path, graphs: dict[str, str], routing_projections: str
@@ -496,7 +522,8 @@ def _init(src: Path, name: str, weight: str) -> TensorProto:
 
 
 def _manifest(src_manifest: dict[str, Any], src: Path, weights: str, method: str, block: int, encoding: str,
-              graphs: dict[str, Any], recipe: awq.AwqRecipe | None, groups: dict[str, Any]) -> dict[str, Any]:
+              graphs: dict[str, Any], recipe: awq.AwqRecipe | None, groups: dict[str, Any],
+              routing_projections: str = ROUTING_PROJECTIONS) -> dict[str, Any]:
     from ..pipeline import versions
     from .encodings import ACCURACY_LEVEL
 
@@ -520,7 +547,7 @@ def _manifest(src_manifest: dict[str, Any], src: Path, weights: str, method: str
             "scheme": f"symmetric, codes in [-{2 ** (BITS[weights] - 1) - 1}, {2 ** (BITS[weights] - 1) - 1}], "
                       f"one {src_manifest.get('precision')} scale per {block} input rows and output column, no zero point",
             "activations": src_manifest.get("precision"),
-            "routing_projections": ROUTING_PROJECTIONS,
+            "routing_projections": routing_projections,
             "awq": None if recipe is None else {"recipe": recipe.to_dict(), "routing_active": True,
                                                 "groups": sum(len(v) for v in groups.values())},
             "graphs": graphs,

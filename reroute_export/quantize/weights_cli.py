@@ -11,7 +11,7 @@ from typing import Any
 from .calibration_set import CALIBRATION_ENV
 from .cli import finish
 from .encodings import BLOCKS, ENCODINGS
-from .weights import METHODS, WEIGHTS, print_summary, quantize_weights
+from .weights import METHODS, ROUTING_CHOICES, ROUTING_PROJECTIONS, WEIGHTS, print_summary, quantize_weights
 
 
 def register_cli(sub: Any) -> argparse.ArgumentParser:
@@ -28,6 +28,11 @@ def register_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--calibration-set", help=f"--method awq: calibration set folder (default: ${CALIBRATION_ENV} "
                                              "or calibration/)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    p.add_argument("--routing-projections", default=ROUTING_PROJECTIONS, choices=list(ROUTING_CHOICES),
+                   help="head.j's q/k projections, which feed the routing scores: kept float (default) or "
+                        "quantized like every other decoder Linear (smaller; routing then reads rounded weights)")
+    p.add_argument("--no-parity", action="store_true",
+                   help="skip the parity pass against the source (it runs both artifacts; exit 1: unmeasured)")
     p.add_argument("--json", metavar="OUT", help="write the new manifest as JSON to OUT ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=cmd_quantize)
@@ -38,5 +43,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quiet = args.quiet or args.json == "-"
     manifest = quantize_weights(args.artifact, args.output, weights=args.weights, method=args.method,
                                 block=args.block, encoding=args.encoding, force=args.force, quiet=quiet,
-                                calibration_set=args.calibration_set)
+                                calibration_set=args.calibration_set, parity=not args.no_parity,
+                                routing_projections=args.routing_projections)
     return finish(args, manifest, quiet, "quantize", print_summary)
