@@ -50,7 +50,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         out["per_backend"][backend] = entry
     out["greedy_tokens_agree"] = _tokens_agree(records)
     out["per_precision"] = per_precision(records)
-    out["floors_line"] = floors_line(records)
+    out["floors"] = next((r["floors"] for r in records if r.get("floors")), None)
     out["kv_traffic_per_decode_step"] = kv_traffic_by_method(records)
     t, st = find(records, "reroute", "torch"), find(records, "reroute", "torch-static")
     if t is not None and st is not None:
@@ -119,10 +119,7 @@ def precision_lines(per: dict[str, dict[str, Any]], backend: str = "onnxruntime"
     return lines
 
 
-def floors_line(records: list[dict[str, Any]]) -> str | None:
-    f = next((r["floors"] for r in records if r.get("floors")), None)
-    if not f:
-        return None
+def floors_line(f: dict[str, Any]) -> str:
     return (f"floors measured in this run: copy {f['copy_gb_per_s']:.1f} GB/s ({f['copy_device']}, read + write), "
             f"GEMM {f['gemm_gflop_per_s']:.0f} GFLOP/s ({'x'.join(map(str, f['shape']))}, {f['runtime']})")
 
@@ -207,8 +204,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"reroute, torch eager / torch-static: prefill {summary['static_over_eager']:.2f}x, "
                      f"decode {summary['static_over_eager_decode']:.2f}x")
     lines.extend(precision_lines(summary.get("per_precision", {})))
-    if summary.get("floors_line"):
-        lines.append(summary["floors_line"])
+    if summary.get("floors"):
+        lines.append(floors_line(summary["floors"]))
     if "onnxruntime_over_torch" in summary:
         lines.append(f"reroute prefill, torch eager / onnxruntime = {summary['onnxruntime_over_torch']:.2f}x "
                      f"(target >= {t['onnxruntime_over_torch']}: {_met(summary['onnxruntime_over_torch_met'])})")
