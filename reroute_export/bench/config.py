@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import contract as C
 from ..errors import UserError
 from ..plan import METHODS
 from ..runtime import BACKENDS
@@ -15,7 +16,8 @@ DEFAULT_BACKENDS = ("torch", "onnxruntime")
 # --precisions: the onnxruntime backend's artifacts. fp32/fp16 as `export --precision` writes
 # them; int8/int4 weight-only from the fp32 artifact (`quantize`, rtn, its default block and
 # encoding: QUANTIZE); each adds one record per method.
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+EXPORTED = C.PRECISIONS  # what `export --precision` writes; the rest are quantized from fp32
+PRECISIONS = (*EXPORTED, "int8", "int4")
 DEFAULT_PRECISIONS = ("fp32",)
 QUANTIZE = {"method": "rtn", "block": 128, "encoding": "matmulnbits"}
 

@@ -11,8 +11,8 @@
                      FLOPs / that rate (plan.plan_report: 2 x MACs, attention included).
 
 On a GPU run (--device cuda) both are measured on that GPU with torch instead (copy_ and a
-matmul in the run's dtype). Both are floors for this machine, not for the graph: a record's `decode_over_floor` of 1.3
-means decode took 1.3x the time reading its weights once at copy speed would take. Weight
+matmul in the run's dtype). Both are floors for this machine, not for the graph: a record's
+`decode_over_floor` of 1.3 means decode took 1.3x the time reading its weights once at copy speed would take. Weight
 bytes come from the artifact's graph headers (build.trt.graph_weights: no weight is read to
 be counted); the torch records count the decoder's and LM head's parameters.
 """
@@ -69,7 +69,9 @@ def gemm_rate_torch(m: int, k: int, n: int, device: str, dtype: str, repeats: in
     """The best of `repeats` torch matmuls (m, k) @ (k, n) on a GPU in the torch backends' dtype."""
     import torch
 
-    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    from .config import DTYPES
+
+    dt = getattr(torch, DTYPES[dtype])
     x = torch.randn(m, k, device=device, dtype=dt)
     w = torch.randn(k, n, device=device, dtype=dt)
     best = _best(lambda: x @ w, repeats, _sync(device))
@@ -121,13 +123,14 @@ def artifact_weight_bytes(folder: Path) -> dict[str, int]:
 
     from ..build.trt import graph_weights
     from ..export.artifact import read_manifest
+    from ..quantize.recipes import kind
 
     manifest = read_manifest(folder, verify=False)
     total = decoder = 0
     for role, name in manifest["graphs"].items():
         n = graph_weights(onnx.load(Path(folder) / name, load_external_data=False))[0]
         total += n
-        decoder += n if role.split(".")[0] in DECODER_KINDS else 0
+        decoder += n if kind(role) in DECODER_KINDS else 0
     return {"weight_bytes": total, "decoder_weight_bytes": decoder}
 
 

@@ -15,7 +15,8 @@ from ..check.loop import Observed
 from ..errors import UserError
 from ..runtime import ARTIFACT_BACKENDS, BACKENDS, TORCH_BACKENDS
 from ..runtime.base import Greedy, Run, Runtime, greedy, trace_of
-from .config import DEFAULT_BACKENDS, DEFAULT_METHODS, DEFAULT_PRECISIONS, DTYPES, QUANTIZE, BenchConfig, check_config
+from .config import (DEFAULT_BACKENDS, DEFAULT_METHODS, DEFAULT_PRECISIONS, DTYPES, EXPORTED, PRECISIONS, QUANTIZE,
+                     BenchConfig, check_config)
 from .floors import artifact_weight_bytes, floor_fields, torch_weight_bytes
 from .floors import measure as measure_floors
 from .memory import rss_mb, working_memory_mb
@@ -205,10 +206,13 @@ def _torch_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any
 
 def backend_precisions(backend: str, cfg: BenchConfig) -> tuple[str, ...]:
     """The precisions a backend's records are measured at: the torch dtype for the torch
-    backends, --precisions for onnxruntime, fp32 for tensorrt."""
+    backends, --precisions for onnxruntime (in PRECISIONS order: fp32 exported before the
+    quantized ones that are made from it), fp32 for tensorrt."""
     if backend in TORCH_BACKENDS:
         return (cfg.torch_dtype,)
-    return cfg.precisions if backend == "onnxruntime" else DEFAULT_PRECISIONS
+    if backend != "onnxruntime":
+        return DEFAULT_PRECISIONS
+    return tuple(sorted(cfg.precisions, key=PRECISIONS.index))
 
 
 def _artifact_folders(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: Any, root: Path,
@@ -221,7 +225,7 @@ def _artifact_folders(backend: str, loaded: Loaded, plans: dict[str, Any], input
         fp32 = root / f"{loaded.spec.name}-{m}{suffix}"
         for p in backend_precisions(backend, cfg):
             folder = fp32 if p == "fp32" else root / f"{loaded.spec.name}-{m}{suffix}-{p}"
-            if p in ("fp32", "fp16"):
+            if p in EXPORTED:
                 with steps.step(f"export {m} artifact ({backend}, {p})"):
                     out[(m, p)] = folder, _export(loaded, plans[m], inputs, folder, target, p)
             else:
@@ -236,7 +240,7 @@ def _artifact_folders(backend: str, loaded: Loaded, plans: dict[str, Any], input
 
 def _artifact_steps(precisions: Sequence[str]) -> int:
     """Progress steps per method: one per precision, and the fp32 export a quantized one needs."""
-    quantized = any(p not in ("fp32", "fp16") for p in precisions)
+    quantized = any(p not in EXPORTED for p in precisions)
     return len(precisions) + (quantized and "fp32" not in precisions)
 
 
@@ -253,7 +257,7 @@ def _artifact_runs(backend: str, loaded: Loaded, plans: dict[str, Any], inputs: 
         run = rt.bind(inputs)  # the host side of prefill, done once: the timer holds the graphs alone
         extra = ({"providers": rt.providers, "ort_threading": f"{cfg.threads} intra-op threads per session, "
                   "per-session pools (runtime default)"} if backend == "onnxruntime" else {"kv_on_device": True})
-        made = "quantize_s" if key[1] in ("int8", "int4") else "export_s"
+        made = "export_s" if key[1] in EXPORTED else "quantize_s"
         bound[key] = _Bound(rt, run, rss_mb() - before,
                             {**extra, made: seconds, **artifact_weight_bytes(folder),
                              **({"quantization": dict(QUANTIZE)} if made == "quantize_s" else {})},
