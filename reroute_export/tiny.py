@@ -274,8 +274,32 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, weight_
     norm scales ~ 1 + N(0, BIAS_STD), biases ~ N(0, BIAS_STD), as `_reinit`."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
-    return _weight_from_noise(name, noise, weight_std).to(dtype)
+    rows = _rows_per_draw(shape) if device.type == "cpu" else None
+    if rows is None:
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
+        return _weight_from_noise(name, noise, weight_std).to(dtype)
+    # A large matrix is drawn a block of rows at a time into its final dtype: the CPU
+    # generator gives the same values as one draw when each block but the last holds a
+    # multiple of 16 elements (normal_ fills 16 at a time from consecutive uniforms;
+    # tests/test_stream.py checks it). The fp32 noise of a 7B's embeddings was 0.5 GB twice.
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for start in range(0, shape[0], rows):
+        block = (min(rows, shape[0] - start), *shape[1:])
+        out[start:start + block[0]] = _weight_from_noise(
+            name, torch.randn(block, generator=gen, dtype=torch.float32, device=device), weight_std)
+    return out
+
+
+DRAW_ELEMENTS = 1 << 22  # fp32 noise drawn at once for a large matrix (16 MiB)
+
+
+def _rows_per_draw(shape: tuple[int, ...]) -> int | None:
+    """Rows of a matrix drawn at once (a block of a multiple of 16 elements), None to draw it whole."""
+    if len(shape) < 2 or math.prod(shape) <= DRAW_ELEMENTS:
+        return None
+    row = math.prod(shape[1:])
+    unit = 16 // math.gcd(row, 16)  # rows whose elements make a multiple of 16
+    return max(unit, DRAW_ELEMENTS // row // unit * unit)
 
 
 def _is_norm_scale(name: str) -> bool:

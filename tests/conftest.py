@@ -30,38 +30,64 @@ def family(request) -> str:
     return request.param
 
 
-_ARTIFACT_ROOT: list = []
+ARTIFACTS_ENV = "REROUTE_TEST_ARTIFACTS"  # set by the controller, inherited by pytest-xdist workers
+
+
+def pytest_configure(config) -> None:
+    import os
+    import tempfile
+
+    if not hasattr(config, "workerinput") and ARTIFACTS_ENV not in os.environ:
+        os.environ[ARTIFACTS_ENV] = config._reroute_artifacts = tempfile.mkdtemp(prefix="reroute-artifacts-")
+
+
+def _artifact_root():
+    """One folder per test run, shared by the pytest-xdist workers: an artifact one worker
+    exported is reused by the other."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ[ARTIFACTS_ENV])
 
 
 def tiny_artifact(family: str, method: str = "reroute", precision: str = "fp32", inline: bool = False,
                   budget: float = 32):
     """A real exported artifact of the family's tiny model (fp32/fp16, any method), exported
-    once per test session through the public pipeline and shared by every test file.
+    once per test run through the public pipeline and shared by every test file and worker.
     Treat it as read-only: copy it before tampering."""
     return _tiny_artifact(family, method, precision, inline, budget)
 
 
 @functools.lru_cache(maxsize=None)
 def _tiny_artifact(family: str, method: str, precision: str, inline: bool, budget: float):
-    import tempfile
-    from pathlib import Path
-
-    from reroute_export.pipeline import ExportOptions, export_artifact
+    from reroute_export.pipeline import ExportOptions
     from reroute_export.plan import make_plan
 
-    if not _ARTIFACT_ROOT:
-        _ARTIFACT_ROOT.append(Path(tempfile.mkdtemp(prefix="reroute-artifacts-")))
-    loaded = tiny(family)
-    plan = make_plan(loaded.spec, method, budget=None if method == "none" else budget)
-    out = _ARTIFACT_ROOT[0] / f"{family}-{method}-{precision}{'-inline' if inline else ''}"
+    plan = make_plan(tiny(family).spec, method, budget=None if method == "none" else budget)
     opts = ExportOptions(precision=precision, inline_functions=inline, quiet=True, max_new_tokens=32,
                          max_prompt_tokens=plan.visual_tokens + 96)
-    export_artifact(loaded, plan, sample_inputs(family), out, opts)
+    return shared_export(f"{family}-{method}-{precision}-b{budget:g}{'-inline' if inline else ''}", family, plan, opts)
+
+
+def shared_export(name: str, family: str, plan, opts):
+    """Export the family's tiny model with `plan` and `opts` into the run's shared folder under
+    `name`, once per test run: a worker that finds it being exported waits, then reuses it."""
+    import fcntl
+
+    from reroute_export.pipeline import export_artifact
+
+    out = _artifact_root() / name
+    with open(out.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").is_file():  # written last: a complete artifact
+            export_artifact(tiny(family), plan, sample_inputs(family), out, opts)
     return out
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
+    """The controller (or a run without workers) removes the shared artifacts at the end."""
     import shutil
 
-    for root in _ARTIFACT_ROOT:
-        shutil.rmtree(root, ignore_errors=True)
+    created = getattr(session.config, "_reroute_artifacts", None)  # only the controller made one
+    if created:
+        shutil.rmtree(created, ignore_errors=True)

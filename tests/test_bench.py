@@ -159,6 +159,8 @@ def test_random_weights_run_in_another_dtype_skip_the_artifact_backends() -> Non
     ({"precisions": ["int3"]}, "unknown precision"),
     ({"precisions": ["fp32", "int4"]}, "applies to the onnxruntime backend"),
     ({"budget": 1000}, "budget 1000 out of range"),
+    ({"attention": "flash"}, "unknown attention form"),
+    ({"attention": "ort-gqa"}, "applies to the onnxruntime backend's artifacts"),
 ])
 def test_bad_input_is_one_line_user_error(kwargs, message) -> None:
     import torch
@@ -196,3 +198,19 @@ def test_percentile_matches_numpy() -> None:
     xs = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
     for q in (0, 50, 90, 100):
         assert timing.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+def test_ort_gqa_artifacts_read_only_the_valid_rows(tmp_path: Path) -> None:
+    """`--attention ort-gqa`: the onnxruntime record runs that form (same decisions and tokens
+    as the eager reference) and its decode floor counts the past_length + 1 rows
+    GroupQueryAttention reads, not the fixed buffers."""
+    recs = bench_run.run_bench(MODEL, BUDGET, ["fastv"], ["torch", "onnxruntime"], repeats=1, warmup=0,
+                               threads=1, progress=False, decode_tokens=3, artifacts=tmp_path, attention="ort-gqa")
+    ort = next(r for r in recs if r["backend"] == "onnxruntime")
+    assert ort["status"] == "ok" and ort["attention"] == "ort-gqa", ort.get("status")
+    assert ort["agreement"]["decisions_equal"] and ort["agreement"]["tokens_equal_fraction"] == 1.0
+    t = ort["kv_traffic_per_decode_step"]
+    assert t["buffer_rows"] == [p + 1 for p in t["prompt_rows"]] and "ort-gqa" in t["buffer_rows_from"]
+    manifest = json.loads((tmp_path / f"{MODEL}-fastv-ort-gqa" / "manifest.json").read_text())
+    assert manifest["decoder"]["attention"] == "ort-gqa"
+    assert all(m > p + 1 for m, p in zip(manifest["shapes"]["cache_tokens"], t["prompt_rows"]))

@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import sample_inputs, tiny
+from conftest import sample_inputs, shared_export, tiny
 from reroute_export import contract as C
 from reroute_export.errors import UserError
 from reroute_export.export.artifact import read_manifest
@@ -32,13 +32,10 @@ BUCKETS = ((112, 168), (168, 112))  # H x W in pixels, beside the sample's own 2
 
 @functools.lru_cache(maxsize=None)
 def bucketed() -> Path:
-    loaded = tiny(FAMILY)
-    plan = make_plan(loaded.spec, "reroute", budget=32)
-    out = Path(tempfile.mkdtemp(prefix="reroute-buckets-")) / "art"
+    plan = make_plan(tiny(FAMILY).spec, "reroute", budget=32)
     opts = ExportOptions(quiet=True, max_new_tokens=16, max_prompt_tokens=plan.visual_tokens + 96,
                          image_buckets=BUCKETS)
-    export_artifact(loaded, plan, sample_inputs(FAMILY), out, opts)
-    return out
+    return shared_export("qwen2.5-vl-buckets", FAMILY, plan, opts)  # test_trt.py plans engines from it too
 
 
 def test_buckets_share_segments_and_own_vision_and_routing_graphs() -> None:

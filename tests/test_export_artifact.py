@@ -45,8 +45,15 @@ def assert_same_trace(ref: dict, got: dict) -> None:
     assert ref["generated_ids"]
 
 
-@pytest.mark.parametrize("method", METHODS)
+TRACED = [("llava", m) for m in METHODS] + [("qwen2.5-vl", m) for m in ("pdrop", "reroute")]
+
+
+@pytest.mark.parametrize(("family", "method"), TRACED)
 def test_trace_artifact_equals_trace_model(family: str, method: str, tmp_path) -> None:
+    """Every method on LLaVA; Qwen2.5-VL (mRoPE positions through the routed graphs) with a
+    non-recoverable and a recoverable schedule: its `none`/`fastv` graphs are the same
+    segment/route code as LLaVA's (tests/test_rewrite.py runs all four on each family's
+    modules), and each export costs about a minute of the suite."""
     art = tiny_artifact(family, method)
     ref = trace_json(tmp_path, "ref", "--model", tiny(family).spec.name, *plan_args(method),
                      "--image", IMAGE, "--prompt", PROMPT)

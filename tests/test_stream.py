@@ -31,6 +31,19 @@ def test_random_weights_are_a_function_of_the_name() -> None:
     assert all(torch.equal(a, b) for a, b in zip(cpu.model.parameters(), again.model.parameters()))
 
 
+@pytest.mark.parametrize("shape", [(4097, 1031), (1025, 4099), (40, 7, 100003)])
+def test_a_large_matrix_drawn_in_blocks_equals_one_draw(shape: tuple[int, ...]) -> None:
+    """random_tensor draws a matrix above DRAW_ELEMENTS a block of rows at a time (bounded
+    memory for a 7B's embeddings); the values must be those of one draw of the whole shape,
+    odd row lengths included (blocks of a multiple of 16 elements)."""
+    import zlib
+
+    assert tiny._rows_per_draw(shape) is not None and tiny._rows_per_draw(shape) < shape[0]
+    gen = torch.Generator().manual_seed(3 * 1_000_003 + zlib.crc32(b"m.weight"))
+    whole = (torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.float16)
+    assert torch.equal(tiny.random_tensor("m.weight", shape, torch.float16, 0.02, seed=3), whole)
+
+
 def test_stand_ins_hold_no_data_and_restore_the_meta_parameters() -> None:
     meta = load("llava-1.5-7b", torch.float16, "meta", random_weights=True)  # 7B: only possible without data
     stream = WeightStream(meta.model, random_source(meta.model))

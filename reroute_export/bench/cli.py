@@ -31,6 +31,9 @@ def register_cli(sub: Any) -> argparse.ArgumentParser:
                         f"{','.join(PRECISIONS)} (default fp32); int8/int4 are weight-only, quantized from the "
                         f"fp32 artifact ({QUANTIZE['method']}, block {QUANTIZE['block']}, {QUANTIZE['encoding']}); "
                         "each is judged against fp32 and timed against the machine's floors measured in the run")
+    p.add_argument("--attention", default="auto",
+                   help="attention form of the onnxruntime backend's artifacts (export --attention: portable, "
+                        "ort-gqa, kv-scatter; default auto, what `export --target onnx` picks)")
     p.add_argument("--device", default="cpu", help="where the torch backends run: cpu (default) or cuda[:N]")
     p.add_argument("--dtype", choices=list(DTYPES), help="torch backends' weights (default fp32 on cpu, fp16 on cuda)")
     p.add_argument("--random-weights", action="store_true",
@@ -55,7 +58,8 @@ def _payload(args: argparse.Namespace, records: list[dict[str, Any]], load_befor
 
     return {
         "bench": {"model": args.model, "budget": args.budget, "methods": list(args.methods),
-                  "backends": list(args.backends), "precisions": list(args.precisions), "repeats": args.repeats, "warmup": args.warmup,
+                  "backends": list(args.backends), "precisions": list(args.precisions),
+                  "attention": args.attention, "repeats": args.repeats, "warmup": args.warmup,
                   "threads": args.threads, "decode_tokens": args.decode_tokens, "device": args.device,
                   "dtype": args.dtype or ("fp32" if args.device == "cpu" else "fp16"),
                   "random_weights": args.random_weights},
@@ -74,7 +78,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     records = run_bench(args.model, args.budget, args.methods, args.backends, args.repeats, args.warmup,
                         args.threads, progress=not args.quiet and args.json != "-",
                         decode_tokens=args.decode_tokens, artifacts=args.artifacts, device=args.device,
-                        dtype=args.dtype, random_weights=args.random_weights, precisions=args.precisions)
+                        dtype=args.dtype, random_weights=args.random_weights, precisions=args.precisions,
+                        attention=args.attention)
     payload = _payload(args, records, load_before)
     if args.json:
         write_json(args.json, payload)

@@ -37,6 +37,7 @@ class BenchConfig:
     dtype: str | None = None  # torch backends' weights: fp32 on the CPU, fp16 on a GPU by default
     random_weights: bool = False  # a real architecture (llava-1.5-7b) with seeded random weights
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS  # the onnxruntime backend's artifacts (PRECISIONS)
+    attention: str = "auto"  # the onnxruntime backend's artifacts' attention form (export/attention.py FORMS)
 
     @property
     def torch_dtype(self) -> str:
@@ -71,6 +72,13 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.precisions != DEFAULT_PRECISIONS and "onnxruntime" not in cfg.backends:
         raise UserError(f"--precisions {','.join(cfg.precisions)} applies to the onnxruntime backend, "
                         "which this run does not ask for (--backends)")
+    if cfg.attention != "auto":
+        from ..export.attention import FORMS
+
+        _check_names("attention form", (cfg.attention,), tuple(FORMS))
+        if "onnxruntime" not in cfg.backends:
+            raise UserError(f"--attention {cfg.attention} applies to the onnxruntime backend's artifacts, "
+                            "which this run does not ask for (--backends)")
     if cfg.torch_dtype not in DTYPES:
         raise UserError(f"unknown --dtype {cfg.torch_dtype}; known: {', '.join(DTYPES)}")
     _check_device(cfg.device)

@@ -93,27 +93,31 @@ def _manifest_or_none(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _reusable(folder: Path, loaded: Loaded, plan: Any, target: str, precision: str = "fp32") -> bool:
-    """An artifact of an earlier run for this model, plan and precision (with engines, for trt)."""
+def _reusable(folder: Path, loaded: Loaded, plan: Any, target: str, precision: str = "fp32",
+              attention: str = "auto") -> bool:
+    """An artifact of an earlier run for this model, plan, precision and attention form (with
+    engines, for trt)."""
     manifest = _manifest_or_none(folder)
     if manifest is None:
         return False
+    form = (manifest.get("decoder") or {}).get("attention")
     same = (manifest.get("model") == loaded.spec.name and manifest.get("plan") == plan.to_dict()
-            and manifest.get("precision") == precision)
+            and manifest.get("precision") == precision and attention in ("auto", form))
     return same and (target == "onnx" or bool((manifest.get("trt") or {}).get("built")))
 
 
 def _export(loaded: Loaded, plan: Any, inputs: Any, folder: Path, target: str = "onnx",
-            precision: str = "fp32") -> float:
+            precision: str = "fp32", attention: str = "auto") -> float:
     """Export (or reuse) the artifact for `plan`; seconds spent exporting (0 when reused).
     target "trt" also builds TensorRT engines (where TensorRT and a GPU are present)."""
     from ..pipeline import ExportOptions, export_artifact
 
-    if _reusable(folder, loaded, plan, target, precision):
+    if _reusable(folder, loaded, plan, target, precision, attention):
         return 0.0
     t0 = time.perf_counter()
     result = export_artifact(loaded, plan, inputs, folder,
-                             ExportOptions(precision=precision, check=False, quiet=True, force=True, target=target))
+                             ExportOptions(precision=precision, check=False, quiet=True, force=True, target=target,
+                                           attention=attention))
     if target == "trt" and not result.engines_built:
         trt = result.manifest.get("trt", {})
         raise _Skip(f"skipped: no TensorRT engine was built ({trt.get('reason') or trt.get('error') or 'unknown'})")
@@ -220,6 +224,9 @@ def _artifact_folders(backend: str, loaded: Loaded, plans: dict[str, Any], input
     """Every (method, precision)'s artifact folder, exported or quantized (or reused), with
     the seconds that took."""
     target, suffix = ("trt", "-trt") if backend == "tensorrt" else ("onnx", "")
+    attention = cfg.attention if backend == "onnxruntime" else "auto"
+    if attention != "auto":
+        suffix += f"-{attention}"
     out = {}
     for m in cfg.methods:
         fp32 = root / f"{loaded.spec.name}-{m}{suffix}"
@@ -227,11 +234,11 @@ def _artifact_folders(backend: str, loaded: Loaded, plans: dict[str, Any], input
             folder = fp32 if p == "fp32" else root / f"{loaded.spec.name}-{m}{suffix}-{p}"
             if p in EXPORTED:
                 with steps.step(f"export {m} artifact ({backend}, {p})"):
-                    out[(m, p)] = folder, _export(loaded, plans[m], inputs, folder, target, p)
+                    out[(m, p)] = folder, _export(loaded, plans[m], inputs, folder, target, p, attention)
             else:
                 if (m, "fp32") not in out:
                     with steps.step(f"export {m} artifact ({backend}, fp32, to quantize)"):
-                        _export(loaded, plans[m], inputs, fp32, target)
+                        _export(loaded, plans[m], inputs, fp32, target, attention=attention)
                 with steps.step(f"quantize {m} artifact ({p} weights, {QUANTIZE['method']}, "
                                 f"block {QUANTIZE['block']})"):
                     out[(m, p)] = folder, _quantized(fp32, folder, p)
@@ -425,7 +432,14 @@ def _traffic(loaded: Loaded, plan: Any, backend: str, dtype: str, prompt_tokens:
     """KV-cache bytes one decode step moves (bench/traffic.py), at this record's KV dtype and
     buffers; the eager engine keeps its own cache, so its record uses the buffers this run
     needs (prompt + decode tokens)."""
+    from ..export.attention import FORMS
+
     t = loaded.spec.text
+    if layout is not None and FORMS[layout.attention].valid_rows_only:  # reads past_length + 1 rows
+        return kv_traffic(plan, t.num_kv_heads, t.head_dim, prompt_tokens, [_itemsize(d) for d in layout.kv_dtypes],
+                          [p + 1 for p in plan.cache_tokens(prompt_tokens, 0)],
+                          f"the valid rows ({layout.attention} reads past_length + 1 of "
+                          f"{'/'.join(map(str, layout.cache_tokens))})")
     if layout is not None:
         return kv_traffic(plan, t.num_kv_heads, t.head_dim, prompt_tokens, [_itemsize(d) for d in layout.kv_dtypes],
                           layout.cache_tokens, _BUFFERS_FROM.get(backend, backend))
@@ -458,6 +472,8 @@ def _records(cfg: BenchConfig, loaded: Loaded, plans: dict[str, Any], inputs: An
                 x = measured.get(key) if backend not in skipped else None
                 base["kv_traffic_per_decode_step"] = _traffic(loaded, plans[m], backend, base["dtype"],
                                                               base["prompt_tokens"], cfg, x.layout if x else None)
+                if x is not None and x.layout is not None:
+                    base["attention"] = x.layout.attention
                 if x is None:
                     records.append({**base, "status": skipped.get(backend, "skipped: not measured")})
                     continue
@@ -483,11 +499,12 @@ def run_bench(
     dtype: str | None = None,
     random_weights: bool = False,
     precisions: Sequence[str] = DEFAULT_PRECISIONS,
+    attention: str = "auto",
 ) -> list[dict[str, Any]]:
     """One record per (method, backend, precision); see the package docstring for what is measured."""
     cfg = BenchConfig(model_name, float(budget), tuple(methods), tuple(backends), int(repeats), int(warmup),
                       int(threads), int(decode_tokens), Path(artifacts) if artifacts else None, device, dtype,
-                      random_weights, tuple(precisions))
+                      random_weights, tuple(precisions), attention)
     check_config(cfg)
     import torch
 

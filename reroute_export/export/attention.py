@@ -44,6 +44,7 @@ class Form:
     ir_version: int
     domains: tuple[tuple[str, int], ...]
     summary: str
+    valid_rows_only: bool = False  # attention reads past_length + T rows, not the whole buffer
 
 
 FORMS = {
@@ -51,7 +52,7 @@ FORMS = {
         Form(C.PORTABLE, False, C.OPSET, C.IR_VERSION, (),
              "split softmax over the fixed buffer, host writes the new rows (opset 18: TensorRT 10.3+)"),
         Form("ort-gqa", True, C.OPSET, C.IR_VERSION, ((MSFT, 1),),
-             "ONNX Runtime GroupQueryAttention writing the shared past/present buffer in place"),
+             "ONNX Runtime GroupQueryAttention writing the shared past/present buffer in place", True),
         Form("kv-scatter", True, 24, 10, (),
              "TensorScatter-24 + Attention-24 (opset 24: TensorRT 11's KV-update and attention layers)"),
     )
