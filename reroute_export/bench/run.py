@@ -435,14 +435,14 @@ def _traffic(loaded: Loaded, plan: Any, backend: str, dtype: str, prompt_tokens:
     from ..export.attention import FORMS
 
     t = loaded.spec.text
-    if layout is not None and FORMS[layout.attention].valid_rows_only:  # reads past_length + 1 rows
-        return kv_traffic(plan, t.num_kv_heads, t.head_dim, prompt_tokens, [_itemsize(d) for d in layout.kv_dtypes],
-                          [p + 1 for p in plan.cache_tokens(prompt_tokens, 0)],
-                          f"the valid rows ({layout.attention} reads past_length + 1 of "
-                          f"{'/'.join(map(str, layout.cache_tokens))})")
     if layout is not None:
+        rows, source = layout.cache_tokens, _BUFFERS_FROM.get(backend, backend)
+        if FORMS[layout.attention].valid_rows_only:  # reads past_length + 1 rows, not the buffers
+            rows = [p + 1 for p in plan.cache_tokens(prompt_tokens, 0)]
+            source = (f"the valid rows ({layout.attention} reads past_length + 1 of "
+                      f"{'/'.join(map(str, layout.cache_tokens))})")
         return kv_traffic(plan, t.num_kv_heads, t.head_dim, prompt_tokens, [_itemsize(d) for d in layout.kv_dtypes],
-                          layout.cache_tokens, _BUFFERS_FROM.get(backend, backend))
+                          rows, source)
     return kv_traffic(plan, t.num_kv_heads, t.head_dim, prompt_tokens, _ELEM_BYTES.get(dtype, 4),
                       plan.cache_tokens(prompt_tokens, cfg.decode_tokens),
                       "prompt + decode tokens" + (" (the eager engine keeps its own cache)" if backend == "torch" else ""))
