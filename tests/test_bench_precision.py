@@ -37,9 +37,10 @@ def test_one_record_per_precision_with_weight_bytes(records) -> None:
         assert r["dtype"] == "fp32"  # weight-only: activations stay fp32
         assert 0 < r["decoder_weight_bytes"] < r["weight_bytes"]
     # int8 codes + scales: under 0.35 of fp32's decoder bytes; int4 under int8 (the LM head and
-    # head q/k stay float, so neither reaches 1/4 or 1/8)
+    # head q/k at 8 bits, so neither reaches 1/4 or 1/8)
     assert by["int4"]["decoder_weight_bytes"] < by["int8"]["decoder_weight_bytes"] < by["fp32"]["decoder_weight_bytes"]
-    assert by["int4"]["quantization"] == {"method": "rtn", "block": 128, "encoding": "matmulnbits"}
+    assert by["int4"]["quantization"] == {"method": "rtn", "block": 128, "encoding": "matmulnbits",
+                                          "routing_projections": "int8"}
     assert "quantize_s" in by["int4"] and "export_s" in by["fp32"]
 
 

@@ -94,10 +94,12 @@ def test_manifest_records_what_stayed_float(fp32) -> None:
     q = m["quantization"]
     assert m["precision"] == "int4-weight" and m["opset"] == 21 and m["ir_version"] == 10 and q["encoding"] == "qdq"
     reasons = {k["reason"] for g in q["graphs"].values() for k in g.get("kept_float", [])}
-    assert any("LM head" in r for r in reasons) and any("routing scores" in r for r in reasons)
+    assert any("LM head" in r for r in reasons) and not any("routing scores" in r for r in reasons)
     assert not q["graphs"]["vision"]["quantized"] and q["graphs"]["route.0"]["copied"] == "byte for byte"
-    head = {n["module"] for n in q["graphs"]["head.0"]["nodes"]}
-    assert head == {"layers.1.self_attn.v_proj"}  # q/k feed routing: float
+    head = {n["module"]: n.get("bits") for n in q["graphs"]["head.0"]["nodes"]}
+    # q/k feed routing: 8 bits by default (routing_projections "int8"), v_proj the recipe's 4
+    assert head == {"layers.1.self_attn.q_proj": 8, "layers.1.self_attn.k_proj": 8, "layers.1.self_attn.v_proj": None}
+    assert q["routing_projections"] == "int8" and q["routing_projection_bits"] == 8
     assert q["weight_bytes"]["after"] < q["weight_bytes"]["before"]
 
 
@@ -228,20 +230,27 @@ def test_parity_is_skipped_when_asked_or_when_it_cannot_fit(fp32, tmp_path, caps
     assert "0.0 GiB available" in p["reason"] and "reroute-export parity --artifact" in p["reason"]
 
 
-def test_routing_projections_can_be_quantized_too(fp32, tmp_path) -> None:
-    """--routing-projections quantize: head.j's q/k join the quantized Linears (fewer kept
-    float, fewer bytes), the manifest says so, and the artifact still runs its routing."""
-    kept = quantize_weights(fp32, tmp_path / "kept", weights="int4", block=BLOCK, quiet=True, parity=False)
-    rq = quantize_weights(fp32, tmp_path / "rq", weights="int4", block=BLOCK, quiet=True, parity=False,
-                          routing_projections="quantize")
-    assert (kept["quantization"]["routing_projections"], rq["quantization"]["routing_projections"]) == ("float", "quantize")
+def test_routing_projections_int8_float_or_quantized(fp32, tmp_path) -> None:
+    """--routing-projections: head.j's q/k at 8 bits (default), kept float, or at the recipe's
+    4 bits; bytes fall in that order, the manifest and the graph say which, and the artifact
+    still runs its routing."""
+    made = {rp: quantize_weights(fp32, tmp_path / rp, weights="int4", block=BLOCK, quiet=True, parity=False,
+                                 **({} if rp == "int8" else {"routing_projections": rp}))
+            for rp in ("float", "int8", "quantize")}
+    assert {rp: m["quantization"]["routing_projections"] for rp, m in made.items()} == {
+        "float": "float", "int8": "int8", "quantize": "quantize"}
 
     def reasons(m):
         return [x["reason"] for g in m["quantization"]["graphs"].values() for x in g.get("kept_float", [])]
 
-    assert any("routing scores" in r for r in reasons(kept)) and not any("routing scores" in r for r in reasons(rq))
-    assert rq["quantization"]["weight_bytes"]["after"] < kept["quantization"]["weight_bytes"]["after"]
-    art = OrtArtifact.load(tmp_path / "rq", ["CPUExecutionProvider"], verify=False)
+    assert any("routing scores" in r for r in reasons(made["float"]))
+    assert not any("routing scores" in r for r in reasons(made["int8"]) + reasons(made["quantize"]))
+    after = {rp: m["quantization"]["weight_bytes"]["after"] for rp, m in made.items()}
+    assert after["quantize"] < after["int8"] < after["float"]
+    head = onnx.load(tmp_path / "int8" / "head_0.onnx", load_external_data=False)
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in head.graph.node if n.op_type == "MatMulNBits")
+    assert bits == [4, 8, 8]  # v_proj int4; q_proj, k_proj int8
+    art = OrtArtifact.load(tmp_path / "quantize", ["CPUExecutionProvider"], verify=False)
     from reroute_export.preprocess import load_image, samples
 
     path, prompt = samples()[0]

@@ -19,7 +19,7 @@ DEFAULT_BACKENDS = ("torch", "onnxruntime")
 EXPORTED = C.PRECISIONS  # what `export --precision` writes; the rest are quantized from fp32
 PRECISIONS = (*EXPORTED, "int8", "int4")
 DEFAULT_PRECISIONS = ("fp32",)
-QUANTIZE = {"method": "rtn", "block": 128, "encoding": "matmulnbits"}
+QUANTIZE = {"method": "rtn", "block": 128, "encoding": "matmulnbits", "routing_projections": "int8"}  # quantize's defaults
 
 
 @dataclass(frozen=True)

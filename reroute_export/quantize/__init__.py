@@ -28,7 +28,8 @@ What is quantized
     float so decisions are exact: the fp32 TopK on whatever q/k the head gives it, never a
     token moved across the boundary by a rounded score); attention MatMuls (activation x
     activation); the LM head in the last segment (by default); head.j's q/k projections
-    where a recipe says `routing_projections: float`; and everything else. The manifest
+    where a recipe says `routing_projections: float` (weight-only `quantize` keeps them at 8
+    bits by default, weights.py); and everything else. The manifest
     lists each excluded MatMul/Gemm and why, and each float graph with its reason.
 
 Library: onnxruntime.quantization (`quantize_static`, QuantFormat.QDQ, MinMax calibration)

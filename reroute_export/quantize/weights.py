@@ -13,17 +13,24 @@ What stays float, and why (each op's reason is in the manifest)
     - The LM head (the last segment's MatMul/Gemm making `logits`): the greedy token is its
       argmax, so it is where rounding shows first, and it is one matrix (V x D, 2-4% of a 7B).
     - route.j graphs: weight-free (scoring, TopK, gathers), copied byte for byte.
-    - head.j's q_proj and k_proj: they feed route.j's scores, q.k over every visual token,
-      whose TopK picks the kept set. Measured both ways on tiny-llava (int4, block 32,
-      MatMulNBits, 3 sample photos, routing overlap per stage vs fp32): RTN float
-      0.91/0.85/0.68/0.44, quantized 0.89/0.85/0.67/0.33; AWQ float 0.92/0.89/0.67/0.37,
-      quantized 0.93/0.86/0.72/0.44; bench-llava RTN float 0.64/0.53/0.41/0.19, quantized
-      0.61/0.52/0.35/0.17. On random weights the effect is within the noise of the rest of
-      the model's rounding except at the last, smallest stage; they stay float because the
-      routing decision then depends on no rounded weight of its own layer, at a small cost
-      (2 of 7 matrices in 4 of 32 layers at 7B, ~1.6% of the weights; more on the 8-layer
-      bench model, where 4 of 8 layers decide). `ROUTING_PROJECTIONS` holds the choice;
-      v_proj is quantized.
+    - head.j's q_proj and k_proj feed route.j's scores, q.k over every visual token, whose
+      TopK picks the kept set. By default (`routing_projections="int8"`) they are quantized
+      at 8 bits whatever `--weights` says: their rounding error is 1/18 of int4's (codes in
+      [-127, 127] against [-7, 7], same blocks), so the decision barely depends on rounded
+      weights of its own layer, while decode, which also reads them (layer d_j's attention),
+      no longer reads them float. "float" keeps them float, "quantize" gives them the recipe's
+      bits. Measured on bench-llava (fp32 -> int4 RTN, block 128, MatMulNBits, ort-gqa,
+      3 sample photos, routing overlap per stage vs fp32; weights of all graphs; decode
+      ms/token at 2 threads, the four artifacts round-robin in one run, fp32 41.0):
+        float     0.57/0.45/0.25/0.17   89.9 MiB   15.95 ms
+        int8      0.57/0.45/0.23/0.15   66.2 MiB   14.56 ms
+        quantize  0.56/0.44/0.23/0.09   62.2 MiB   13.87 ms
+      (random weights: overlap is low at every setting; the last, smallest stage is where
+      int4 projections show.) Earlier, on tiny-llava (int4, block 32, RTN): float
+      0.91/0.85/0.68/0.44, quantize 0.89/0.85/0.67/0.33. On the 8-layer bench model 4 of 8
+      layers decide, so their float q/k were 40% of the int4 decoder's bytes (at 7B, 4 of
+      32 layers). v_proj is quantized like any other Linear. `ROUTING_PROJECTIONS` holds the
+      default.
     - The vision graph: it runs once per image (prefill only), where weight-only
       quantization saves no time (compute-bound, not the decode's weight reads), holds ~4%
       of a 7B's weights, and its features are what every routing score of the image is
@@ -75,8 +82,9 @@ WEIGHTS = tuple(BITS)
 METHODS = ("rtn", "awq")
 PRECISION = {w: f"{w}-weight" for w in WEIGHTS}
 SOURCE_PRECISIONS = ("fp32", "fp16")
-ROUTING_PROJECTIONS = "float"  # head.j q/k: see the module docstring for the measurement
-ROUTING_CHOICES = ("float", "quantize")
+ROUTING_PROJECTIONS = "int8"  # head.j q/k: see the module docstring for the measurement
+ROUTING_CHOICES = ("float", "int8", "quantize")
+ROUTING_BITS = 8  # routing_projections="int8": head.j's q/k at 8 bits whatever --weights says
 JUDGED_AS = "int8"  # parity bounds: routing overlap >= 0.7, logits cosine >= 0.9
 PARITY_TOKENS = 16
 QUANTIZED_KINDS = ("segment", "head")
@@ -107,6 +115,8 @@ class Linear:
     k: int
     n: int
     float_type: int
+    bits: int = 0  # 0: the recipe's; else this Linear's own (routing projections at "int8")
+    reason: str = ""  # why its bits differ from the recipe's
 
 
 # ---------------------------------------------------------------- what to quantize
@@ -121,8 +131,9 @@ def plan_graph(model: onnx.ModelProto, role: str, routing_projections: str = ROU
     float_ops = {"MatMul", "Gemm"}
     lm_head = _upstream_quantizable(g, [C.LOGITS], float_ops, consts) if C.LOGITS in {o.name for o in g.output} else set()
     routing = set()
-    if kind(role) == "head" and routing_projections == "float":
+    if kind(role) == "head" and routing_projections != "quantize":
         routing = _upstream_quantizable(g, [C.QUERY, C.KEY], float_ops, consts)
+    own_bits = ROUTING_BITS if routing_projections == "int8" else 0
     readers: dict[str, int] = {}
     for n in g.node:
         for i in n.input:
@@ -133,7 +144,10 @@ def plan_graph(model: onnx.ModelProto, role: str, routing_projections: str = ROU
             continue
         w = inits.get(n.input[1]) if len(n.input) > 1 else None
         reason = _kept_reason(n, w, n.input[1] in consts, lm_head, routing, readers)
-        if reason:
+        if reason == "routing" and own_bits and _kept_reason(n, w, True, set(), set(), readers) is None:
+            linears.append(Linear(n.name, module_path(n), w.name, n.input[0], int(w.dims[0]), int(w.dims[1]),
+                                  w.data_type, own_bits, REASONS["routing"]))
+        elif reason:
             kept.append({"node": n.name, "module": module_path(n), "op_type": n.op_type, "reason": REASONS[reason]})
         else:
             linears.append(Linear(n.name, module_path(n), w.name, n.input[0], int(w.dims[0]), int(w.dims[1]),
@@ -280,7 +294,7 @@ def rewrite_graph(src: Path, dst: Path, name: str, linears: list[Linear], opts: 
         for t in list(g.initializer):
             if t.name in by_weight:
                 lin = by_weight[t.name]
-                spec = Spec(lin.k, lin.n, opts.bits, opts.block, opts.encoding, lin.float_type)
+                spec = Spec(lin.k, lin.n, lin.bits or opts.bits, opts.block, opts.encoding, lin.float_type)
                 scale = groups[lin.input].scales if groups and lin.input in groups else None
                 codes, scales = _write_quantized(data, src, t, spec, scale)
                 inits += [codes, scales]
@@ -480,6 +494,7 @@ def _write_graphs(src: Path, dst: Path, graphs: dict[str, str], plans: dict[str,
         wrote = rewrite_graph(src, dst, name, linears, opts, groups.get(role))
         out[role] = {"quantized": bool(linears), **wrote,
                      "nodes": [{"node": lin.node, "module": lin.module, "K": lin.k, "N": lin.n,
+                                **({"bits": lin.bits, "reason": lin.reason} if lin.bits else {}),
                                 **({"awq": groups[role][lin.input].record()} if lin.input in groups.get(role, {}) else {})}
                                for lin in linears],
                      "kept_float": kept}
@@ -548,6 +563,7 @@ def _manifest(src_manifest: dict[str, Any], src: Path, weights: str, method: str
                       f"one {src_manifest.get('precision')} scale per {block} input rows and output column, no zero point",
             "activations": src_manifest.get("precision"),
             "routing_projections": routing_projections,
+            "routing_projection_bits": {"float": None, "int8": ROUTING_BITS, "quantize": BITS[weights]}[routing_projections],
             "awq": None if recipe is None else {"recipe": recipe.to_dict(), "routing_active": True,
                                                 "groups": sum(len(v) for v in groups.values())},
             "graphs": graphs,

@@ -29,8 +29,9 @@ def register_cli(sub: Any) -> argparse.ArgumentParser:
                                              "or calibration/)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.add_argument("--routing-projections", default=ROUTING_PROJECTIONS, choices=list(ROUTING_CHOICES),
-                   help="head.j's q/k projections, which feed the routing scores: kept float (default) or "
-                        "quantized like every other decoder Linear (smaller; routing then reads rounded weights)")
+                   help="head.j's q/k projections, which feed the routing scores: int8 whatever --weights "
+                        "says (default: 1/18 of int4's rounding), kept float, or quantized like every other "
+                        "decoder Linear (smallest; routing then reads int4-rounded weights)")
     p.add_argument("--no-parity", action="store_true",
                    help="skip the parity pass against the source (it runs both artifacts; exit 1: unmeasured)")
     p.add_argument("--json", metavar="OUT", help="write the new manifest as JSON to OUT ('-' for stdout)")
