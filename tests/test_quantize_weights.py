@@ -258,3 +258,23 @@ def test_routing_projections_int8_float_or_quantized(fp32, tmp_path) -> None:
     assert [len(v) for v in trace.decisions.values()] == [s.keep for s in art.plan.stages]
     with pytest.raises(UserError, match="unknown routing projections"):
         quantize_weights(fp32, tmp_path / "bad", routing_projections="int2", quiet=True)
+
+
+def test_int4_from_fp16_keeps_the_vision_graphs_weights_fp16_in_memory(tmp_path) -> None:
+    """An int4 artifact quantized from fp16: its vision graph loads with the fp16-on-CPU session
+    options (no Cast folded into an fp32 copy beside the fp16 weights), the decoder graphs
+    with ORT's optimisations (their few float weights folded once, not cast every step); the
+    artifact runs and routes."""
+    from reroute_export.preprocess import load_image, samples
+
+    out = tmp_path / "int4"
+    m = quantize_weights(tiny_artifact("llava", precision="fp16"), out, weights="int4", block=BLOCK, quiet=True,
+                         parity=False)
+    assert m["quantization"]["activations"] == "fp16"
+    art = OrtArtifact.load(out, ["CPUExecutionProvider"], verify=False)
+    level = {role: g.session.get_session_options().graph_optimization_level for role, g in art.graphs.items()}
+    assert level["vision"] == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert all(v != ort.GraphOptimizationLevel.ORT_DISABLE_ALL for r, v in level.items() if r != "vision")
+    path, prompt = samples()[0]
+    trace = art.trace(art.prepare(load_image(path), prompt), 2)
+    assert [len(v) for v in trace.decisions.values()] == [s.keep for s in art.plan.stages]

@@ -101,6 +101,19 @@ def _session_options(fp16_on_cpu: bool = False) -> ort.SessionOptions:
     return opts
 
 
+def _fp16_on_load(manifest: dict[str, Any], role: str) -> bool:
+    """Whether graph `role` gets the fp16-on-CPU session options (weights kept fp16, each cast
+    when its node runs). Every graph of an fp16 artifact (else a 7B does not fit); of a
+    weight-only artifact quantized from fp16, only the vision graph: it runs once per image,
+    and folding its Casts kept fp32 copies beside the fp16 weights (7B int4: +1.45 GiB RSS),
+    while the segments and heads, run every decode step, keep ORT's folded fp32 copies of
+    their few float weights (LM head, norms): casting those each step made 7B int4 decode 2x
+    slower (BENCHMARKS.md)."""
+    if manifest.get("precision") == "fp16":
+        return True
+    return (manifest.get("quantization") or {}).get("activations") == "fp16" and role.split(".")[0] == C.vision()
+
+
 def _numpy(x: Any) -> np.ndarray:
     """torch tensors (VLInputs fields) or arrays (ArrayInputs) -> numpy, without importing torch."""
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
@@ -231,8 +244,7 @@ class OrtArtifact:
         if "decoder" not in manifest or C.segment(0) not in manifest.get("graphs", {}):
             raise UserError(f"artifact {folder} has no segment graphs (an earlier layout); re-export it")
         providers = providers or default_providers()
-        fp16 = manifest.get("precision") == "fp16"
-        graphs = {role: Graph(folder / name, providers, fp16=fp16)
+        graphs = {role: Graph(folder / name, providers, fp16=_fp16_on_load(manifest, role))
                   for role, name in manifest["graphs"].items()}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
