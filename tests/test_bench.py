@@ -214,3 +214,22 @@ def test_ort_gqa_artifacts_read_only_the_valid_rows(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / f"{MODEL}-fastv-ort-gqa" / "manifest.json").read_text())
     assert manifest["decoder"]["attention"] == "ort-gqa"
     assert all(m > p + 1 for m, p in zip(manifest["shapes"]["cache_tokens"], t["prompt_rows"]))
+
+
+def test_memory_breakdown_script_reports_each_phase(tmp_path) -> None:
+    """benchmarks/memory_breakdown.py (the 7B int4 breakdown in BENCHMARKS.md) on the tiny
+    artifact: sessions by graph kind, the KV buffers, then vision, prefill and decode peaks;
+    a missing folder is a one-line error."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_breakdown.py"
+    done = subprocess.run([sys.executable, str(script), str(tiny_artifact("llava")), "--decode-tokens", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("loaded in ") and any(x.strip().startswith("segment  sessions +") for x in lines)
+    assert [x.split()[0] for x in lines[-3:]] == ["vision", "prefill", "decode"] and "peak " in lines[-1]
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr
