@@ -35,14 +35,16 @@ What is quantized
 Library: onnxruntime.quantization (`quantize_static`, QuantFormat.QDQ, MinMax calibration)
     It is already a dependency, runs on CPU, handles graphs with local functions and a
     dynamic text axis, and writes standard QuantizeLinear/DequantizeLinear pairs that
-    TensorRT consumes as explicit quantization. NVIDIA ModelOpt's ONNX PTQ
-    (`nvidia-modelopt[onnx]` 0.47) is the library TensorRT recommends, but here it
-    cannot be installed next to this project: it pins onnx~=1.21 and, on x86-64 Linux,
-    onnxruntime-gpu~=1.24 and cupy-cuda12x (this project runs onnx 1.23 and CPU
-    onnxruntime 1.32), and it sends any graph with custom-domain ops to TensorRT's
-    execution provider for calibration. Where ModelOpt is installed (a GPU host with
-    TensorRT), recipe `"library": "modelopt"` or `--library modelopt` uses it instead, on
-    the same calibration feeds and exclusions, after inlining the `reroute` functions.
+    TensorRT consumes as explicit quantization. NVIDIA ModelOpt's ONNX PTQ (0.47) is the
+    library TensorRT recommends; its `[onnx]` extra pins onnx~=1.21 and, on x86-64 Linux,
+    onnxruntime-gpu~=1.24 and cupy-cuda12x, which cannot sit beside this project's onnx
+    1.23 and CPU onnxruntime 1.32, so the `modelopt` extra installs ModelOpt without it,
+    plus the few packages its ONNX path imports (pyproject.toml). Recipe
+    `"library": "modelopt"` or `--library modelopt` then uses it instead, on the same
+    calibration feeds and exclusions, after inlining the `reroute` functions (it sends a
+    graph with custom-domain ops to TensorRT's execution provider); it runs on CPU
+    (tests/test_quantize_modelopt.py). Weight-only INT4 by ModelOpt is `quantize --method
+    modelopt-awq` (modelopt_int4.py).
 
 FP8
     ONNX Runtime's own FP8 path needs its "Distribution" (histogram) calibrator, which
@@ -78,6 +80,8 @@ The package, one concern per module:
     quantizers.py       ONNX Runtime's quantize_static and NVIDIA ModelOpt on those feeds and nodes
     fp8.py              symmetric int8 Q/DQ rewritten to FLOAT8E4M3FN (scale = amax / 448)
     report.py           calibration parity (check.loop: quantized vs fp32 artifact) and the summary
+    weights.py          `quantize`: weight-only INT4/INT8 (RTN, AWQ: awq.py; encodings.py)
+    modelopt_int4.py    `quantize --method modelopt-awq`: NVIDIA ModelOpt's INT4 awq_lite on the same feeds
     run.py              calibrate(): the artifact in, the quantized artifact out
     cli.py              the `calibrate` subcommand
 """

@@ -103,8 +103,7 @@ def quantize_modelopt(model: onnx.ModelProto, reader: FeedReader, excluded: list
         from modelopt.onnx.quantization import quantize as mo_quantize
     except ImportError:
         raise UserError("recipe asks for library modelopt, which is not installed here "
-                        "(pip install 'nvidia-modelopt[onnx]' on a GPU host; it pins its own onnx/onnxruntime)"
-                        ) from None
+                        "(pip install 'reroute-export[modelopt]')") from None
     from ..export import onnx_ops  # here, not at import: it loads torch (the CLI registers this module)
 
     inlined = onnx_ops.inline_functions(model)  # ModelOpt sends custom-domain ops to TensorRT's EP
@@ -115,7 +114,7 @@ def quantize_modelopt(model: onnx.ModelProto, reader: FeedReader, excluded: list
         calibration_method="max", calibration_eps=["cpu"], op_types_to_quantize=list(recipe.q("op_types")),
         nodes_to_exclude=[f"^{re.escape(n)}$" for n in excluded], output_path=str(out),
         high_precision_dtype="fp32", disable_mha_qdq=not recipe.q("activation_matmuls"),
-        use_external_data_format=is_large(inlined),
+        use_external_data_format=is_large(inlined), log_level="ERROR",
     )
 
 

@@ -1,6 +1,6 @@
 """`quantize`: weight-only INT4/INT8 of an fp32 (or fp16) artifact; activations stay float.
 
-    reroute-export quantize --artifact A --weights int4|int8 [--method rtn|awq] [--block 32|64|128]
+    reroute-export quantize --artifact A --weights int4|int8 [--method rtn|awq|modelopt-awq] [--block 32|64|128]
         [--encoding matmulnbits|qdq] --output B [--force] [--json OUT] [--quiet] [--calibration-set DIR]
 
 What is quantized
@@ -8,6 +8,17 @@ What is quantized
     initializer, block-wise along K with symmetric codes and one scale per (block, column)
     (encodings.py says why symmetric). `--method awq` first scales each group of Linears'
     input channels by activation statistics recorded with routing active (awq.py).
+    `--method modelopt-awq` hands the same Linears and the same recorded feeds to NVIDIA
+    ModelOpt's INT4 awq_lite instead (modelopt_int4.py; the `modelopt` extra), written as
+    ModelOpt writes them: blocked DequantizeLinear-21 + MatMul (`--encoding qdq`), which ONNX
+    Runtime fuses into MatMulNBits at load. Unlike RTN/AWQ it loads each graph's weights
+    whole (ModelOpt rewrites them in memory). bench-llava, fp32 ort-gqa -> int4 block 128
+    qdq, 3 sample photos, vs fp32 (routing overlap per stage; last-logits cosine; quantize
+    wall time and peak RSS; decode ms/token p50 at 2 threads, round-robin in one run with
+    fp32 at 50.4 and the MatMulNBits RTN artifact at 15.4):
+        rtn           0.57/0.45/0.23/0.15  0.588  16.5 s  1.30 GB  16.3 ms
+        awq           0.59/0.49/0.30/0.15  0.630  34.9 s  1.88 GB  17.4 ms
+        modelopt-awq  0.61/0.49/0.25/0.13  0.628  65.5 s  1.98 GB  16.4 ms
 
 What stays float, and why (each op's reason is in the manifest)
     - The LM head (the last segment's MatMul/Gemm making `logits`): the greedy token is its
@@ -71,7 +82,7 @@ from .. import contract as C
 from ..errors import UserError
 from ..export.artifact import ArtifactWriter, read_manifest, sha256_file
 from ..progress import Steps
-from . import awq
+from . import awq, modelopt_int4
 from .encodings import BITS, BLOCKS, ENCODINGS, MS_DOMAIN, QDQ_IR, QDQ_OPSET, Spec, quantized_nodes
 from .recipes import FLOAT_KINDS, kind
 from .report import parity_report
@@ -79,7 +90,8 @@ from .run import _check_paths
 from .select import _constants, _upstream_quantizable, module_path, name_nodes
 
 WEIGHTS = tuple(BITS)
-METHODS = ("rtn", "awq")
+METHODS = ("rtn", "awq", "modelopt-awq")
+DEFAULT_ENCODING = {"rtn": "matmulnbits", "awq": "matmulnbits", "modelopt-awq": "qdq"}  # ModelOpt writes DQ + MatMul
 PRECISION = {w: f"{w}-weight" for w in WEIGHTS}
 SOURCE_PRECISIONS = ("fp32", "fp16")
 ROUTING_PROJECTIONS = "int8"  # head.j q/k: see the module docstring for the measurement
@@ -100,6 +112,7 @@ REASONS = {
     "gemm": "Gemm with a weight: only MatMul weights are rewritten",
     "shared": "its weight is read by other nodes too",
     "shape": "weight is not a 2-D float initializer",
+    "modelopt": "left float by ModelOpt (it did not quantize this MatMul)",
 }
 _COPY = 16 << 20  # bytes per read when copying float tensors
 
@@ -383,6 +396,9 @@ def _check_args(weights: str, method: str, block: int, encoding: str) -> None:
         raise UserError(f"unknown --weights {weights!r}; use one of {', '.join(WEIGHTS)}")
     if method not in METHODS:
         raise UserError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "modelopt-awq" and (weights != "int4" or encoding != "qdq"):
+        raise UserError("--method modelopt-awq is --weights int4 --encoding qdq: ModelOpt's INT4 path writes "
+                        "DequantizeLinear-21 + MatMul, which ONNX Runtime fuses into MatMulNBits at load")
     if block not in BLOCKS or isinstance(block, bool):
         raise UserError(f"--block must be one of {', '.join(map(str, BLOCKS))}, got {block!r}")
     if encoding not in ENCODINGS:
@@ -403,7 +419,7 @@ def _source_manifest(src: Path) -> dict[str, Any]:
 
 
 def quantize_weights(artifact: str | Path, output: str | Path, weights: str = "int4", method: str = "rtn",
-                     block: int = 128, encoding: str = "matmulnbits", force: bool = False, quiet: bool = False,
+                     block: int = 128, encoding: str | None = None, force: bool = False, quiet: bool = False,
                      calibration_set: str | Path | None = None, parity: bool = True,
                      routing_projections: str = ROUTING_PROJECTIONS) -> dict[str, Any]:
     """Weight-only quantize the artifact at `artifact` into `output`; returns the new manifest.
@@ -411,32 +427,40 @@ def quantize_weights(artifact: str | Path, output: str | Path, weights: str = "i
     Never raises for a parity failure (manifest["calibration_parity"]["passed"] / ["measured"]);
     raises UserError (nothing written) for inputs it cannot use. `parity=False` skips the
     parity pass (bench judges its quantized records against the fp32 ones itself).
-    `routing_projections="quantize"` also quantizes head.j's q/k (module docstring)."""
+    `routing_projections="quantize"` also quantizes head.j's q/k (module docstring). `encoding`
+    None: the method's (DEFAULT_ENCODING)."""
     return _quantize(Path(artifact), Path(output), weights, method, block, encoding, force, quiet, calibration_set,
                      parity=parity, routing_projections=routing_projections)
 
 
-def _quantize(src: Path, out: Path, weights: str, method: str, block: int, encoding: str, force: bool, quiet: bool,
-              calibration_set: str | Path | None, *, parity: bool = True,
+def _quantize(src: Path, out: Path, weights: str, method: str, block: int, encoding: str | None, force: bool,
+              quiet: bool, calibration_set: str | Path | None, *, parity: bool = True,
               routing_projections: str = ROUTING_PROJECTIONS) -> dict[str, Any]:
+    encoding = encoding or DEFAULT_ENCODING.get(method, "matmulnbits")
     _check_args(weights, method, block, encoding)
     if routing_projections not in ROUTING_CHOICES:
         raise UserError(f"unknown routing projections {routing_projections!r}; known: {', '.join(ROUTING_CHOICES)}")
     _check_paths(src, out, force)
-    recipe = awq.load_awq_recipe() if method == "awq" else None
+    if method == "modelopt-awq":
+        modelopt_int4.check_installed()
+    recipe = awq.load_awq_recipe() if method != "rtn" else None
     opts = Options(BITS[weights], block, encoding)
-    steps = Steps(4 + (method == "awq"), quiet=quiet, title="quantize")
+    steps = Steps(4 + (method != "rtn"), quiet=quiet, title="quantize")
     try:
         with steps.step("read the source artifact"):
             manifest = _source_manifest(src)
             plans = _plans(src, manifest["graphs"], routing_projections)
         with ArtifactWriter(out, force=force) as w, tempfile.TemporaryDirectory(prefix="reroute-quant-") as tmp:
             groups: dict[str, dict[str, awq.Choice]] = {}
+            store = None
             if recipe is not None:
                 with steps.step(f"AWQ: record activations with routing active ({recipe.samples} samples)"):
-                    groups = _awq_groups(src, plans, recipe, opts, calibration_set, Path(tmp))
+                    art, store = _record(src, plans, recipe, calibration_set, Path(tmp))
+                    if method == "awq":
+                        groups = _awq_groups(src, art, store, plans, recipe, opts)
             with steps.step(f"quantize weights ({weights}, {method}, block {block}, {encoding})"):
-                graphs = _write_graphs(src, w.path, manifest["graphs"], plans, opts, groups)
+                graphs = _write_graphs(src, w.path, manifest["graphs"], plans, opts, groups,
+                                       store if method == "modelopt-awq" else None)
             with steps.step("embeddings, preprocessor, manifest"):
                 shutil.copy2(src / C.EMBEDDINGS, w.path / C.EMBEDDINGS)
                 shutil.copytree(src / C.PREPROCESSOR, w.path / C.PREPROCESSOR)
@@ -483,7 +507,8 @@ def _plans(src: Path, graphs: dict[str, str], routing_projections: str
 
 
 def _write_graphs(src: Path, dst: Path, graphs: dict[str, str], plans: dict[str, Any], opts: Options,
-                  groups: dict[str, dict[str, awq.Choice]]) -> dict[str, Any]:
+                  groups: dict[str, dict[str, awq.Choice]], modelopt_feeds: Any = None) -> dict[str, Any]:
+    """Each graph quantized (by ModelOpt, when `modelopt_feeds` is its FeedStore) or copied."""
     out: dict[str, Any] = {}
     for role, name in graphs.items():
         if role not in plans:
@@ -491,7 +516,14 @@ def _write_graphs(src: Path, dst: Path, graphs: dict[str, str], plans: dict[str,
                          **copy_graph(src, dst, name)}
             continue
         linears, kept = plans[role]
-        wrote = rewrite_graph(src, dst, name, linears, opts, groups.get(role))
+        if modelopt_feeds is not None and linears:
+            wrote = modelopt_int4.quantize_graph(src, dst, name, linears, modelopt_feeds.feeds(role), opts.block)
+            left = set(wrote["modelopt"]["left_float"])
+            kept = kept + [{"node": lin.node, "module": lin.module, "op_type": "MatMul", "reason": REASONS["modelopt"]}
+                           for lin in linears if lin.node in left]
+            linears = [lin for lin in linears if lin.node not in left]
+        else:
+            wrote = rewrite_graph(src, dst, name, linears, opts, groups.get(role))
         out[role] = {"quantized": bool(linears), **wrote,
                      "nodes": [{"node": lin.node, "module": lin.module, "K": lin.k, "N": lin.n,
                                 **({"bits": lin.bits, "reason": lin.reason} if lin.bits else {}),
@@ -501,9 +533,9 @@ def _write_graphs(src: Path, dst: Path, graphs: dict[str, str], plans: dict[str,
     return out
 
 
-def _awq_groups(src: Path, plans: dict[str, Any], recipe: awq.AwqRecipe, opts: Options,
-                calibration_set: str | Path | None, tmp: Path) -> dict[str, dict[str, awq.Choice]]:
-    """Per role, per group input: the AWQ scaling chosen on activations recorded with routing active."""
+def _record(src: Path, plans: dict[str, Any], recipe: awq.AwqRecipe, calibration_set: str | Path | None,
+            tmp: Path) -> tuple[Any, Any]:
+    """(the source artifact, the FeedStore of every graph to quantize), recorded with routing active."""
     from ..runtime import OrtArtifact
     from .calibration_set import calibration_dir, load_calibration_set, pick
     from .feeds import FeedStore, record_feeds
@@ -514,6 +546,13 @@ def _awq_groups(src: Path, plans: dict[str, Any], recipe: awq.AwqRecipe, opts: O
     roles = [r for r, (linears, _) in plans.items() if linears]
     store = FeedStore(tmp / "feeds")
     record_feeds(art, _calibration_inputs(art, chosen), roles, recipe.decode_steps, store)
+    return art, store
+
+
+def _awq_groups(src: Path, art: Any, store: Any, plans: dict[str, Any], recipe: awq.AwqRecipe, opts: Options
+                ) -> dict[str, dict[str, awq.Choice]]:
+    """Per role, per group input: the AWQ scaling chosen on activations recorded with routing active."""
+    roles = [r for r, (linears, _) in plans.items() if linears]
     out: dict[str, dict[str, awq.Choice]] = {}
     rng = np.random.default_rng(recipe.seed)
     for role in roles:
@@ -565,7 +604,8 @@ def _manifest(src_manifest: dict[str, Any], src: Path, weights: str, method: str
             "routing_projections": routing_projections,
             "routing_projection_bits": {"float": None, "int8": ROUTING_BITS, "quantize": BITS[weights]}[routing_projections],
             "awq": None if recipe is None else {"recipe": recipe.to_dict(), "routing_active": True,
-                                                "groups": sum(len(v) for v in groups.values())},
+                                                "groups": sum(len(v) for v in groups.values()),
+                                                **({"by": "nvidia-modelopt"} if method == "modelopt-awq" else {})},
             "graphs": graphs,
             "weight_bytes": {"before": before, "after": after, "ratio": after / before if before else 1.0,
                              "embed_tokens": embed, "before_with_embeddings": before + embed,
@@ -578,6 +618,9 @@ def _manifest(src_manifest: dict[str, Any], src: Path, weights: str, method: str
         },
         "versions": {**src_manifest.get("versions", {}), **versions()},
     })
+    if method == "modelopt-awq":
+        new["quantization"].update(modelopt_int4.describe(src_manifest.get("precision"), block))
+        new["versions"][modelopt_int4.PACKAGE] = modelopt_int4.modelopt_version()
     return new
 
 

@@ -20,10 +20,13 @@ def register_cli(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--artifact", required=True, help="fp32 or fp16 artifact folder (from `export`)")
     p.add_argument("--weights", required=True, choices=list(WEIGHTS))
     p.add_argument("--method", default="rtn", choices=list(METHODS),
-                   help="rtn: round to nearest; awq: activation-aware scaling calibrated with routing active (int4)")
+                   help="rtn: round to nearest; awq: activation-aware scaling calibrated with routing active (int4); "
+                        "modelopt-awq: NVIDIA ModelOpt's INT4 awq_lite on the same feeds (int4, qdq; "
+                        "pip install 'reroute-export[modelopt]')")
     p.add_argument("--block", type=int, default=128, choices=list(BLOCKS), help="input rows per scale")
-    p.add_argument("--encoding", default="matmulnbits", choices=list(ENCODINGS),
-                   help="matmulnbits: ONNX Runtime (com.microsoft); qdq: DequantizeLinear-21 + MatMul (TensorRT >= 10)")
+    p.add_argument("--encoding", default=None, choices=list(ENCODINGS),
+                   help="matmulnbits: ONNX Runtime (com.microsoft); qdq: DequantizeLinear-21 + MatMul (TensorRT >= 10; "
+                        "ONNX Runtime fuses it into MatMulNBits at load). Default: matmulnbits, qdq for modelopt-awq")
     p.add_argument("--output", required=True, help="artifact folder to write (refused if it exists, unless --force)")
     p.add_argument("--calibration-set", help=f"--method awq: calibration set folder (default: ${CALIBRATION_ENV} "
                                              "or calibration/)")
