@@ -483,7 +483,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
     from .check.lint import lint
 
-    report = lint(Path(args.target), args.trt_version)
+    report = lint(Path(args.target), args.trt_version, polygraphy=args.polygraphy)
     if args.json:
         write_json(args.json, report)
     if not args.quiet and args.json != "-":
@@ -564,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lint", help="check ONNX graphs against what TensorRT accepts")
     p.add_argument("target", help="artifact folder or .onnx file")
     p.add_argument("--trt-version", default="10.3", choices=["10.3", "11"])
+    p.add_argument("--polygraphy", action="store_true",
+                   help="also run `polygraphy check lint` on each graph (ONNX Runtime on generated inputs, "
+                        "~5 s a graph; reported, not judged)")
     add_output_args(p)
     p.set_defaults(func=cmd_lint)
 

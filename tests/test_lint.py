@@ -130,3 +130,20 @@ def test_blocked_int4_dequantize_needs_opset_21() -> None:
     assert not [f for f in lint_model(m, "q.onnx", "11") if f.severity == "error"]
     msgs = " ".join(f.message for f in lint_model(m, "q.onnx", "10.3") if f.severity == "error")
     assert "opset 21 > 18" in msgs and "blocked DequantizeLinear" in msgs
+
+
+def test_polygraphy_runs_only_when_asked(tmp_path, capsys, monkeypatch) -> None:
+    """`--polygraphy` runs polygraphy's own `check lint` (the test extra installs it with ModelOpt)
+    and reports its exit code; without it, nothing is started."""
+    import os
+    import shutil
+    import sys
+
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if shutil.which("polygraphy") is None:
+        pytest.skip("polygraphy is not installed (pip install polygraphy)")
+    good = graph([helper.make_node("Relu", ["x"], ["y"], name="r")], [X], [Y])
+    onnx.save(good, tmp_path / "good.onnx")
+    assert lint(tmp_path / "good.onnx")["polygraphy"] == {}
+    assert main(["lint", str(tmp_path / "good.onnx"), "--polygraphy"]) == 0
+    assert "polygraphy check lint good.onnx: exit 0" in capsys.readouterr().out

@@ -26,6 +26,7 @@ from ..plan import RoutingPlan
 from ..rewrite.segments import Program
 from .. import contract as C
 from .attention import lower
+from .norms import rsqrt_as_div
 from .onnx_ops import attach_functions, inline_functions, translations
 from .stream import EXTERNAL_ABOVE, StreamedGraph, WeightStream
 
@@ -43,8 +44,9 @@ class DecoderExample:
 
 def finish(model: "onnx.ModelProto | StreamedGraph", inline: bool,
            attention: str = C.PORTABLE) -> "onnx.ModelProto | StreamedGraph":
-    """Attach `reroute` functions, pin IR version and opset (DESIGN.md 2), lower the attention
-    op to the target's form (export/attention.py). A streamed graph gets them when it is
+    """Attach `reroute` functions, pin IR version and opset (DESIGN.md 2), write RMSNorm so ONNX
+    Runtime fuses it (export/norms.py), lower the attention op to the target's form
+    (export/attention.py). A streamed graph gets them when it is
     written (its proto exists only then)."""
     if isinstance(model, StreamedGraph):
         model.inline, model.attention = inline, attention
@@ -53,6 +55,7 @@ def finish(model: "onnx.ModelProto | StreamedGraph", inline: bool,
     if inline:
         model = inline_functions(model)
     model.ir_version = C.IR_VERSION
+    rsqrt_as_div(model)
     return lower(model, attention)
 
 
