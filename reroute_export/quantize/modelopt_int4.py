@@ -50,7 +50,7 @@ import re
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -148,15 +148,13 @@ def _quantized_by_modelopt(model: onnx.ModelProto) -> set[str]:
     return {n.name for n in model.graph.node if n.op_type in _FLOAT_OPS and len(n.input) > 1 and n.input[1] in dq}
 
 
-def quantize_graph(src: Path, dst: Path, name: str, linears: list[Any], feeds: Iterator[dict[str, np.ndarray]],
-                   block: int) -> dict[str, Any]:
-    """Graph `name` of artifact `src` through ModelOpt INT4 awq_lite into `dst` (the Linears with
-    their own bits, head.j's routing q/k at int8, by weights.rewrite_graph afterwards).
-    What it wrote, as weights.rewrite_graph reports it, plus `modelopt`."""
+def quantize_graph(src: Path, name: str, linears: list[Any], feeds: Iterator[dict[str, np.ndarray]], block: int,
+                   finish: Callable[[Path, list[Any]], dict[str, Any]]) -> dict[str, Any]:
+    """Graph `name` of artifact `src` through ModelOpt INT4 awq_lite; `finish(folder, linears)`
+    then writes ModelOpt's graph (saved in `folder`) into the artifact with the Linears that
+    have their own bits (head.j's routing q/k at int8) quantized, and says what it wrote
+    (weights.rewrite_graph). Returns that, plus `modelopt`."""
     from .select import name_nodes
-    from .weights import Options, _nbytes, rewrite_graph
-
-    before = sum(_nbytes(t) for t in onnx.load(src / name, load_external_data=False).graph.initializer)
 
     quantize = _int4_quantize()
     model = onnx.load(src / name)  # with its weights: ModelOpt reads and rewrites them in memory
@@ -183,8 +181,7 @@ def quantize_graph(src: Path, dst: Path, name: str, linears: list[Any], feeds: I
         onnx.save_model(out, Path(tmp) / name, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{name}.data", size_threshold=1024)
         del out, model
-        wrote = rewrite_graph(Path(tmp), dst, name, own_bits, Options(0, block, "qdq"))
-    wrote["weight_bytes_before"] = before
+        wrote = finish(Path(tmp), own_bits)
     wrote["modelopt"] = {"algorithm": ALGORITHM, "quantized": sorted(done & ours), "left_float": sorted(ours - done),
                          "pre_quant_scale_muls": pre_quant, "calibration": used}
     return wrote

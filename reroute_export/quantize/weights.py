@@ -517,7 +517,10 @@ def _write_graphs(src: Path, dst: Path, graphs: dict[str, str], plans: dict[str,
             continue
         linears, kept = plans[role]
         if modelopt_feeds is not None and linears:
-            wrote = modelopt_int4.quantize_graph(src, dst, name, linears, modelopt_feeds.feeds(role), opts.block)
+            wrote = modelopt_int4.quantize_graph(
+                src, name, linears, modelopt_feeds.feeds(role), opts.block,
+                lambda folder, own_bits: {**rewrite_graph(folder, dst, name, own_bits, Options(0, opts.block, "qdq")),
+                                          "weight_bytes_before": _graph_bytes(src, name)})
             left = set(wrote["modelopt"]["left_float"])
             kept = kept + [{"node": lin.node, "module": lin.module, "op_type": "MatMul", "reason": REASONS["modelopt"]}
                            for lin in linears if lin.node in left]
@@ -547,6 +550,10 @@ def _record(src: Path, plans: dict[str, Any], recipe: awq.AwqRecipe, calibration
     store = FeedStore(tmp / "feeds")
     record_feeds(art, _calibration_inputs(art, chosen), roles, recipe.decode_steps, store)
     return art, store
+
+
+def _graph_bytes(folder: Path, name: str) -> int:
+    return sum(_nbytes(t) for t in onnx.load(folder / name, load_external_data=False).graph.initializer)
 
 
 def _awq_groups(src: Path, art: Any, store: Any, plans: dict[str, Any], recipe: awq.AwqRecipe, opts: Options
