@@ -18,7 +18,7 @@ from reroute_export.export.onnx_ops import DOMAIN
 from reroute_export.rewrite.attention import cached_attention
 from reroute_export.routing.scoring import apply_rope
 
-NH, NKV, HD, M = 4, 2, 8, 12
+NH, NKV, HD, M = 4, 2, 16, 12  # GroupQueryAttention's rotary needs head_dim % 16 == 0
 SCALE = HD ** -0.5
 
 
@@ -91,6 +91,47 @@ def test_each_lowering_runs_in_onnxruntime_like_the_torch_op(form, tmp_path):
         args = _inputs(t, past, seed=t + past)
         want = cached_attention(*args, NH, NKV, SCALE)
         got = sess.run(None, dict(zip(["q", "k", "v", "pk", "pv", "pl"], [a.numpy() for a in args])))
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def _rope_rows(positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (1, T, HD) of a LLaMA rotary at these (routed, non-contiguous) positions."""
+    inv = 1.0 / (10000 ** (torch.arange(0, HD, 2, dtype=torch.float32) / HD))
+    ang = torch.tensor(positions, dtype=torch.float32)[:, None] * inv[None]
+    emb = torch.cat([ang, ang], dim=-1)[None]
+    return emb.cos(), emb.sin()
+
+
+def test_the_rotary_moves_into_group_query_attention_exactly():
+    """ort-gqa's CachedAttentionRope: GroupQueryAttention applies each row's own rotary
+    (do_rotary, the rows' cos/sin as its cache) like rope-then-cached_attention in torch,
+    for routed positions with gaps and a buffer already holding rows."""
+    import onnxruntime as ort
+
+    from reroute_export.rewrite.attention import cached_attention_rope
+
+    model = _graph()
+    node = model.graph.node[0]
+    node.op_type = "CachedAttentionRope"
+    node.input.extend(["cos", "sin"])
+    vi, f = helper.make_tensor_value_info, TensorProto.FLOAT
+    model.graph.input.extend([vi("cos", f, [1, "T", HD]), vi("sin", f, [1, "T", HD])])
+    model = lower(model, "ort-gqa")
+    onnx.checker.check_model(model, full_check=True)
+    (gqa,) = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {a.name: a.i for a in gqa.attribute}["do_rotary"] == 1
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for t, past, positions in [(5, 0, [0, 1, 2, 40, 97]), (1, 5, [130]), (3, 7, [200, 201, 380])]:
+        q, k, v, pk, pv, pl = _inputs(t, past, seed=t + past)
+        cos, sin = _rope_rows(positions)
+        want = cached_attention_rope(q, k, v, pk, pv, pl, cos, sin, NH, NKV, SCALE)
+        roped = [apply_rope(x.view(1, t, n, HD).transpose(1, 2), cos, sin).transpose(1, 2).reshape(1, t, n * HD)
+                 for x, n in ((q, NH), (k, NKV))]
+        for w, r in zip(want, cached_attention(*roped, v, pk, pv, pl, NH, NKV, SCALE)):
+            assert torch.equal(w, r)  # the torch op is rope, then cached_attention
+        got = sess.run(None, dict(zip(["q", "k", "v", "pk", "pv", "pl", "cos", "sin"],
+                                      [a.numpy() for a in (q, k, v, pk, pv, pl, cos, sin)])))
         for w, g in zip(want, got):
             np.testing.assert_allclose(g, w.numpy(), atol=2e-5, rtol=1e-4)
 

@@ -14,6 +14,10 @@ writes them. The two fused forms start from the same traced node, `reroute::Cach
                  --GroupQueryAttention(num_heads, kv_num_heads, scale)--> out, present_k, present_v
                With past and present bound to one buffer ONNX Runtime writes the T rows in place
                and attends only to the valid rows (the portable form reads all M_s rows, masked).
+               The segments trace reroute::CachedAttentionRope for this form (pre-rope q/k and
+               each row's cos/sin): GroupQueryAttention applies the rotary itself (do_rotary,
+               those rows as its cos/sin cache, position_ids 0..T-1), so routing's positions
+               stay exact and rotate_half's Split/Neg/Concat/Mul/Add leave every layer.
 
   kv-scatter   k --Reshape/Transpose--> (1, nkv, T, hd) --TensorScatter(past_k, ., past_length)--> present_k
                mask (T, M) = col <= past_length + row
@@ -103,14 +107,34 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 def _gqa(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     a, e = _attrs(node), _Emitter(node)
-    q, k, v, pk, pv, pl = node.input
+    q, k, v, pk, pv, pl = node.input[:6]
     t = e("Shape", [q], start=1, end=2)  # (1,) rows
     total = e("Add", [pl, t])  # (1,) int64
     seqlens = e("Cast", [e("Sub", [total, e.const([1])])], to=TensorProto.INT32)  # (1,)
     total32 = e("Cast", [e("Squeeze", [total, e.const([0])])], to=TensorProto.INT32)  # scalar
-    e("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total32], domain=MSFT, outputs=list(node.output),
-      num_heads=a["num_heads"], kv_num_heads=a["kv_heads"], scale=a["scale"])
+    rotary, extra = ({}, []) if len(node.input) == 6 else ({"do_rotary": 1, "rotary_interleaved": 0},
+                                                          _rotary_cache(e, node.input[6], node.input[7], pl, t))
+    e("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total32, *extra], domain=MSFT, outputs=list(node.output),
+      num_heads=a["num_heads"], kv_num_heads=a["kv_heads"], scale=a["scale"], **rotary)
     return e.nodes
+
+
+def _rotary_cache(e: _Emitter, cos: str, sin: str, past_length: str, t: str) -> list[str]:
+    """GroupQueryAttention's rotary inputs from each row's own cos/sin (1, T, hd), halves duplicated:
+    the caches are those T rows' first halves (T, hd/2), zero rows appended up to past_length + T
+    (it checks that a cache covers total_sequence_length), read at position_ids = 0..T-1. Row i
+    thus rotates by the routed position it was given, not by its place in the buffer."""
+    zero = e.const([0])
+    half = e("Div", [e("Shape", [cos], start=2, end=3), e.const([2])])  # (1,)
+    shape = e("Concat", [e.const([-1]), half], axis=0)
+    pads = e("Concat", [zero, zero, past_length, zero], axis=0)  # rows: 0 before, past_length after
+
+    def cache(x: str) -> str:
+        return e("Pad", [e("Reshape", [e("Slice", [x, zero, half, e.const([2])]), shape]), pads])
+
+    rows = e("Unsqueeze", [e("Range", [e("Squeeze", [zero, zero]), e("Squeeze", [t, zero]),
+                                       e("Squeeze", [e.const([1]), zero])]), zero])  # (1, T)
+    return [cache(cos), cache(sin), rows]
 
 
 def _kv_scatter(node: onnx.NodeProto) -> list[onnx.NodeProto]:
@@ -140,6 +164,7 @@ def _kv_scatter(node: onnx.NodeProto) -> list[onnx.NodeProto]:
 
 
 _LOWER = {"ort-gqa": _gqa, "kv-scatter": _kv_scatter}
+_FUSED = ("CachedAttention", "CachedAttentionRope")  # the second only under ort-gqa (rewrite/segments.py)
 
 
 def lower(model: onnx.ModelProto, form: str) -> onnx.ModelProto:
@@ -149,7 +174,7 @@ def lower(model: onnx.ModelProto, form: str) -> onnx.ModelProto:
     spec = FORMS[form]
     nodes = []
     for n in model.graph.node:
-        nodes += _LOWER[form](n) if n.op_type == "CachedAttention" and n.domain == "reroute" else [n]
+        nodes += _LOWER[form](n) if n.op_type in _FUSED and n.domain == "reroute" else [n]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     for o in model.opset_import:

@@ -44,13 +44,15 @@ SCHEMAS = [
 ]
 
 
-def _cached_attention_schema() -> OpSchema:
-    """rewrite/attention.py's op: attention with the KV write in-graph. No function body: it
-    never reaches a file; export/attention.py lowers it to the target's form right after export."""
+def _cached_attention_schema(name: str = "CachedAttention", rope: bool = False) -> OpSchema:
+    """rewrite/attention.py's ops: attention with the KV write in-graph (and the rotary, for
+    CachedAttentionRope). No function body: they never reach a file; export/attention.py lowers
+    them to the target's form right after export."""
     P, A = OpSchema.FormalParameter, OpSchema.Attribute
     return OpSchema(
-        "CachedAttention", DOMAIN, VERSION, "Attention of T rows over a fixed KV buffer written at past_length.",
-        inputs=[P("q", "T"), P("k", "T"), P("v", "T"), P("past_k", "T"), P("past_v", "T"), P("past_length", _I64)],
+        name, DOMAIN, VERSION, "Attention of T rows over a fixed KV buffer written at past_length.",
+        inputs=[P("q", "T"), P("k", "T"), P("v", "T"), P("past_k", "T"), P("past_v", "T"), P("past_length", _I64),
+                *([P("cos", "T"), P("sin", "T")] if rope else [])],
         outputs=[P("out", "T"), P("present_k", "T"), P("present_v", "T")],
         type_constraints=[("T", _FLOAT, "float types")],
         attributes=[A("num_heads", OpSchema.AttrType.INT, "query heads"),
@@ -59,7 +61,7 @@ def _cached_attention_schema() -> OpSchema:
     )
 
 
-SCHEMAS.append(_cached_attention_schema())
+SCHEMAS += [_cached_attention_schema(), _cached_attention_schema("CachedAttentionRope", rope=True)]
 
 
 def register_schemas() -> None:
@@ -131,6 +133,12 @@ def _cached_attention(q, k, v, past_k, past_v, past_length, num_heads: int, kv_h
                               scale=scale, _num_outputs=3)
 
 
+def _cached_attention_rope(q, k, v, past_k, past_v, past_length, cos, sin, num_heads: int, kv_heads: int,
+                           scale: float):
+    return rr.CachedAttentionRope(q, k, v, past_k, past_v, past_length, cos, sin, num_heads=num_heads,
+                                  kv_heads=kv_heads, scale=scale, _num_outputs=3)
+
+
 def translations() -> dict:
     """torch op -> ONNX translation, for torch.onnx's custom_translation_table. Built on call:
     this module's functions and schemas serve torch-free code too (lint, calibrate, inspect)."""
@@ -140,6 +148,7 @@ def translations() -> dict:
         torch_ops.select_visual._opoverload: _select_visual,
         torch_ops.route_gather._opoverload: _route_gather,
         attention.cached_attention._opoverload: _cached_attention,
+        attention.cached_attention_rope._opoverload: _cached_attention_rope,
     }
 
 

@@ -29,6 +29,29 @@ import torch
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
                      past_v: torch.Tensor, past_length: torch.Tensor, num_heads: int, kv_heads: int,
                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cached(q, k, v, past_k, past_v, past_length, num_heads, kv_heads, scale)
+
+
+@torch.library.custom_op("reroute::cached_attention_rope", mutates_args=())
+def cached_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                          past_v: torch.Tensor, past_length: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          num_heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cached_attention with the rotary inside: q and k as projected (pre-rope), cos/sin (1, T, hd)
+    each row's own (the model's rotary module on the routed positions, halves duplicated).
+    ort-gqa lowers it to GroupQueryAttention's own rotary (do_rotary), fed those rows as its
+    cos/sin cache, so the per-layer Split/Neg/Concat/Mul/Add of rotate_half leave the graph."""
+    from ..routing.scoring import apply_rope
+
+    b, t, _ = q.shape
+    hd = past_k.shape[-1]
+    q = apply_rope(q.view(b, t, num_heads, hd).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, num_heads * hd)
+    k = apply_rope(k.view(b, t, kv_heads, hd).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, kv_heads * hd)
+    return _cached(q, k, v, past_k, past_v, past_length, num_heads, kv_heads, scale)
+
+
+def _cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+            past_length: torch.Tensor, num_heads: int, kv_heads: int,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, t, _ = q.shape
     hd = past_k.shape[-1]
     g = num_heads // kv_heads
@@ -50,4 +73,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: 
 
 @cached_attention.register_fake
 def _(q, k, v, past_k, past_v, past_length, num_heads, kv_heads, scale):
+    return q.new_empty(q.shape), past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)
+
+
+@cached_attention_rope.register_fake
+def _(q, k, v, past_k, past_v, past_length, cos, sin, num_heads, kv_heads, scale):
     return q.new_empty(q.shape), past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)

@@ -47,7 +47,7 @@ from ..plan import RoutingPlan
 from ..routing.scoring import apply_rope, scores_from_qk
 from ..routing.select import gather_rows
 from . import ops
-from .attention import cached_attention
+from .attention import cached_attention, cached_attention_rope
 from .precision import _cast
 
 
@@ -107,6 +107,17 @@ def attend_in_graph(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch
     q = apply_rope(q.view(b, t, nh, hd).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, nh * hd)
     k = apply_rope(k.view(b, t, nkv, hd).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, nkv * hd)
     return cached_attention(q, k, v, past_k, past_v, past_length, nh, nkv, float(layer.self_attn.scaling))
+
+
+def attend_with_rope(layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, past_length: torch.Tensor):
+    """ort-gqa: as attend_in_graph, with the rotary inside the op (GroupQueryAttention applies it;
+    its rotary takes head_dim a multiple of 16, else the rotary stays outside)."""
+    nh, nkv, hd = _geometry(layer)
+    if hd % 16:
+        return attend_in_graph(layer, q, k, v, cos, sin, past_k, past_v, past_length)
+    return cached_attention_rope(q, k, v, past_k, past_v, past_length, cos, sin, nh, nkv,
+                                 float(layer.self_attn.scaling))
 
 
 def finish_layer(layer: nn.Module, residual: torch.Tensor, attn_out: torch.Tensor, out_dtype: torch.dtype):
@@ -186,7 +197,8 @@ class Segment(nn.Module):
     def __init__(self, decoder: nn.Module, lm_head: nn.Module | None, layers: range, headed: bool,
                  attention: str = C.PORTABLE) -> None:
         super().__init__()
-        self.attend = attend_in_graph if C.kv_in_graph(attention) else attend
+        self.attend = ({"ort-gqa": attend_with_rope}.get(attention, attend_in_graph) if C.kv_in_graph(attention)
+                       else attend)
         self.rotary = decoder.rotary_emb
         # keyed by the model's layer index: graph weights are named layers.{i}.* as in the model
         self.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in layers})
