@@ -103,6 +103,8 @@ def test_modelopt_quantizes_exactly_the_planned_linears(fp32) -> None:
             assert sorted(want.values()) == [4, 8, 8]
     last = q["graphs"][f"segment.{len(manifest['plan']['stages'])}"]
     assert any("LM head" in k["reason"] for k in last["kept_float"])
+    muls = sum(g["modelopt"]["pre_quant_scale_muls"] for g in q["graphs"].values() if "modelopt" in g)
+    assert q["awq"]["groups"] == muls > 0 and q["awq"]["by"] == "nvidia-modelopt"
     assert not any(f["severity"] == "error" for f in lint(out, "11")["findings"])
 
 

@@ -57,7 +57,7 @@ import onnx
 
 from .. import contract as C
 from ..errors import UserError
-from .encodings import QDQ_IR, QDQ_OPSET
+from .encodings import raise_to_qdq_opset
 
 METHOD = "modelopt-awq"
 ALGORITHM = "awq_lite"
@@ -98,15 +98,6 @@ def describe(weights_precision: str | None, block: int) -> dict[str, Any]:
                     "calibration": "prefill feeds recorded with routing active, cut to the shortest prefill "
                                    "(ModelOpt concatenates feeds along the batch axis); decode feeds left out"},
     }
-
-
-def raise_opset(model: onnx.ModelProto) -> None:
-    """Opset 21 / IR 10 (blocked INT4 DequantizeLinear), the model's functions too."""
-    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
-        for o in imports:
-            if o.domain in ("", "ai.onnx"):
-                o.version = max(o.version, QDQ_OPSET)
-    model.ir_version = max(model.ir_version, QDQ_IR)
 
 
 def _token_axes(model: onnx.ModelProto) -> dict[str, int]:
@@ -159,7 +150,7 @@ def quantize_graph(src: Path, name: str, linears: list[Any], feeds: Iterator[dic
     quantize = _int4_quantize()
     model = onnx.load(src / name)  # with its weights: ModelOpt reads and rewrites them in memory
     name_nodes(model)
-    raise_opset(model)
+    raise_to_qdq_opset(model)
     ours = {lin.node for lin in linears if not lin.bits}
     own_bits = [lin for lin in linears if lin.bits]
     cut, used = equal_length_feeds(model, feeds)

@@ -83,7 +83,7 @@ from ..errors import UserError
 from ..export.artifact import ArtifactWriter, read_manifest, sha256_file
 from ..progress import Steps
 from . import awq, modelopt_int4
-from .encodings import BITS, BLOCKS, ENCODINGS, MS_DOMAIN, QDQ_IR, QDQ_OPSET, Spec, quantized_nodes
+from .encodings import BITS, BLOCKS, ENCODINGS, MS_DOMAIN, QDQ_IR, QDQ_OPSET, Spec, quantized_nodes, raise_to_qdq_opset
 from .recipes import FLOAT_KINDS, kind
 from .report import parity_report
 from .run import _check_paths
@@ -352,11 +352,7 @@ def _fold_groups(src: Path, g: onnx.GraphProto, linears: list[Linear], groups: d
 def _set_opsets(model: onnx.ModelProto, encoding: str | None) -> None:
     """qdq: opset 21 and IR 10 (INT4 and block_size), functions too; matmulnbits: + com.microsoft."""
     if encoding == "qdq":
-        for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
-            for o in imports:
-                if o.domain in ("", "ai.onnx"):
-                    o.version = max(o.version, QDQ_OPSET)
-        model.ir_version = max(model.ir_version, QDQ_IR)
+        raise_to_qdq_opset(model)
     elif encoding == "matmulnbits" and MS_DOMAIN not in {o.domain for o in model.opset_import}:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
@@ -582,6 +578,14 @@ def _init(src: Path, name: str, weight: str) -> TensorProto:
     return next(t for t in model.graph.initializer if t.name == weight)
 
 
+def _awq_group_count(method: str, groups: dict[str, Any], graphs: dict[str, Any]) -> int:
+    """How many activation groups got AWQ scales: ours are `groups`; ModelOpt's are its
+    pre-quant-scale Muls (one per scaled input)."""
+    if method == "modelopt-awq":
+        return sum(int(g.get("modelopt", {}).get("pre_quant_scale_muls", 0)) for g in graphs.values())
+    return sum(len(v) for v in groups.values())
+
+
 def _manifest(src_manifest: dict[str, Any], src: Path, weights: str, method: str, block: int, encoding: str,
               graphs: dict[str, Any], recipe: awq.AwqRecipe | None, groups: dict[str, Any],
               routing_projections: str = ROUTING_PROJECTIONS) -> dict[str, Any]:
@@ -611,7 +615,7 @@ def _manifest(src_manifest: dict[str, Any], src: Path, weights: str, method: str
             "routing_projections": routing_projections,
             "routing_projection_bits": {"float": None, "int8": ROUTING_BITS, "quantize": BITS[weights]}[routing_projections],
             "awq": None if recipe is None else {"recipe": recipe.to_dict(), "routing_active": True,
-                                                "groups": sum(len(v) for v in groups.values()),
+                                                "groups": _awq_group_count(method, groups, graphs),
                                                 **({"by": "nvidia-modelopt"} if method == "modelopt-awq" else {})},
             "graphs": graphs,
             "weight_bytes": {"before": before, "after": after, "ratio": after / before if before else 1.0,
