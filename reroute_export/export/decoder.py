@@ -26,6 +26,7 @@ from ..plan import RoutingPlan
 from ..rewrite.segments import Program
 from .. import contract as C
 from .attention import lower
+from .exporter import torchlib_registry_once
 from .norms import rsqrt_as_div
 from .onnx_ops import attach_functions, inline_functions, translations
 from .stream import EXTERNAL_ABOVE, StreamedGraph, WeightStream
@@ -84,7 +85,7 @@ def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, o
     stand-ins while tracing and the graph keeps lazy weights until it is saved."""
     # the exporter logs a warning per torchvision op it cannot register; we use none of them
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), (stream.stand_ins() if stream else nullcontext()):
+    with warnings.catch_warnings(), torchlib_registry_once(), (stream.stand_ins() if stream else nullcontext()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, opset_version=C.OPSET, dynamic_shapes=dynamic_shapes,
