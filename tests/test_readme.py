@@ -1,10 +1,12 @@
 """Every `reroute-export` command in README.md's bash blocks runs as documented.
 
-Each block runs top to bottom in one fresh folder (a later command may use what an
-earlier one wrote, as a reader would). Only paths to shipped inputs (files under the
-folders the package ships, e.g. reroute_export/data/samples/astronaut.jpg) point into
-the repo; anything else, such as `out/` a newcomer's own README run left in the repo
-root, stays relative to the fresh folder.
+The blocks run top to bottom in one fresh folder shared by the whole README, as a
+reader's shell would: a block may read a folder an earlier block wrote (`--artifact out/`
+after the quick start's `--output out/`); that block runs first when it has not yet
+(a block selected alone), and each block runs once. Only paths to shipped inputs (files
+under the folders the package ships, e.g. reroute_export/data/samples/astronaut.jpg)
+point into the repo; anything else, such as `out/` a newcomer's own README run left in
+the repo root, stays relative to the fresh folder.
 Exit code 0, or the documented 3 for `--target trt` on a machine without TensorRT.
 A line marked `# not run by the README test: WHY` (a GPU command, a 7B export) is only
 parsed: its subcommand and options must exist.
@@ -48,23 +50,62 @@ def shipped_input(arg: str, root: Path = ROOT) -> str:
     return str(root / path)
 
 
-@pytest.mark.parametrize("block", readme_blocks(), ids=lambda b: b[0][:60])
-def test_readme_block_runs(block: list[str], tmp_path) -> None:
+def _folders_after(command: str, flag: str) -> set[str]:
+    argv = shlex.split(command.split(SKIP)[0])
+    return {argv[i + 1].rstrip("/") for i, a in enumerate(argv[:-1]) if a == flag}
+
+
+def block_writes(block: list[str]) -> set[str]:
+    return {f for c in block if SKIP not in c for f in _folders_after(c, "--output")}
+
+
+def block_needs(block: list[str]) -> set[str]:
+    """The artifact folders a block reads and does not write itself."""
+    return {f for c in block if SKIP not in c for f in _folders_after(c, "--artifact")} - block_writes(block)
+
+
+def test_every_folder_a_block_reads_is_written_by_an_earlier_block() -> None:
+    blocks = readme_blocks()
+    for i, block in enumerate(blocks):
+        for folder in block_needs(block):
+            assert [j for j in range(i) if folder in block_writes(blocks[j])], (block[0], folder)
+
+
+@pytest.fixture(scope="module")
+def readme_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("readme")
+
+
+_RAN: dict[int, str | None] = {}  # block index -> None (ran as documented) or what failed
+
+
+def _run_block(index: int, folder: Path) -> None:
     from reroute_export.cli import parse
 
-    for command in block:
-        if SKIP in command:
-            argv = shlex.split(command.split(SKIP)[0])
-            assert command.split(SKIP)[1].strip(), "say why the line is not run"
-            assert parse(argv[1:]).func  # the documented subcommand and options exist
-            continue
-        argv = shlex.split(command)
-        argv = [shipped_input(a) for a in argv]
-        out = subprocess.run([sys.executable, "-m", "reroute_export", *argv[1:]], capture_output=True, text=True,
-                             cwd=tmp_path, timeout=600)
-        expected = 3 if "--target trt" in command else 0
-        assert out.returncode == expected, f"{command}\n{out.stderr[-2000:]}"
-        assert out.stdout.strip(), command
+    blocks = readme_blocks()
+    if index not in _RAN:
+        for need in sorted(block_needs(blocks[index])):
+            _run_block(max(j for j in range(index) if need in block_writes(blocks[j])), folder)
+        _RAN[index] = None
+        for command in blocks[index]:
+            if SKIP in command:
+                argv = shlex.split(command.split(SKIP)[0])
+                assert command.split(SKIP)[1].strip(), "say why the line is not run"
+                assert parse(argv[1:]).func  # the documented subcommand and options exist
+                continue
+            argv = [shipped_input(a) for a in shlex.split(command)]
+            out = subprocess.run([sys.executable, "-m", "reroute_export", *argv[1:]], capture_output=True,
+                                 text=True, cwd=folder, timeout=600)
+            expected = 3 if "--target trt" in command else 0
+            if out.returncode != expected or not out.stdout.strip():
+                _RAN[index] = f"{command}\nexit {out.returncode}\n{out.stderr[-2000:]}"
+                break
+    assert _RAN[index] is None, _RAN[index]
+
+
+@pytest.mark.parametrize("index", range(len(readme_blocks())), ids=lambda i: readme_blocks()[i][0][:60])
+def test_readme_block_runs(index: int, readme_dir: Path) -> None:
+    _run_block(index, readme_dir)
 
 
 def test_only_shipped_inputs_point_into_the_repo(tmp_path) -> None:
