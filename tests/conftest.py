@@ -84,6 +84,30 @@ def shared_export(name: str, family: str, plan, opts):
     return out
 
 
+def shared_cli_export(name: str, *argv: str):
+    """`reroute-export export ARGV --output <shared>/name`, run once per test run (as
+    shared_export): the artifact, for tests of one command's output in several files."""
+    import fcntl
+
+    from reroute_export.cli import main
+
+    out = _artifact_root() / name
+    with open(out.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").is_file():
+            assert main(["export", *argv, "--output", str(out)]) == 0, argv
+    return out
+
+
+STREAMED_LLAVA = ("--model", "tiny-llava", "--random-weights", "--budget", "32", "--quiet")
+
+
+def streamed_tiny_llava():
+    """`export --model tiny-llava --random-weights --budget 32` (streamed: one weights.data;
+    the post-export check rebuilt the weights), shared. Read-only."""
+    return shared_cli_export("tiny-llava-random-weights", *STREAMED_LLAVA)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """The controller (or a run without workers) removes the shared artifacts at the end."""
     import shutil

@@ -1,7 +1,7 @@
 """The Python API (reroute_export.api): the CLI is a thin face over it, so the two agree.
 
-The issue's one-liner and README's example run as written in a fresh interpreter; the artifact it writes is
-then run through the API and through `reroute-export generate`, which must give the same
+README's example (the issue's one-liner export among its lines) runs as written in a fresh
+interpreter; the artifact it writes is then run through the API and through `reroute-export generate`, which must give the same
 tokens; `rx.plan` gives `plan --json`'s numbers; bad input raises `UserError` with the
 CLI's one-line message.
 """
@@ -31,49 +31,50 @@ def run_cli(capsys, *args: object) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def readme_python_example() -> str:
+    """README's "Python API" block, with its shipped inputs made absolute."""
+    import re
+
+    section = (ROOT / "README.md").read_text().split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S)[1]
+    return code.replace('"reroute_export/data/', f'"{ROOT}/reroute_export/data/')
+
+
 @pytest.fixture(scope="module")
-def one_liner(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The issue's one-liner, run in a fresh interpreter from an empty folder."""
+def example(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, str]:
+    """README's "Python API" block, as written, in a fresh interpreter from an empty folder: it
+    plans, exports tiny-llava in one line (`rx.export("tiny-llava", budget=32, output="out/")`),
+    then generates and traces. (the artifact, the run, the generated text it printed)"""
     cwd = tmp_path_factory.mktemp("api")
-    code = ("import reroute_export as rx; a = rx.export('tiny-llava', budget=32, output='out'); "
-            f"print(rx.load_artifact(a.path).generate({IMAGE!r}, {PROMPT!r}))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", readme_python_example()], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    return cwd / "out", done
+    lines = done.stdout.split("\n")  # plan, check, the generated text (any lines), the trace
+    assert lines[1] == "True []" and lines[-2].startswith("dict_keys(") and lines[-1] == "", done.stdout
+    return cwd / "out", done, "\n".join(lines[2:-2])
 
 
-def test_one_liner_exports_and_generates(one_liner) -> None:
-    out, done = one_liner
+def test_readme_python_example_runs(example) -> None:
+    out, done, text = example
+    assert done.stdout.startswith("[153, 153, 76, 38] ")  # the 7B plan's K_j, no weights loaded
     assert (out / "manifest.json").is_file() and (out / "segment_0.onnx").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == "tiny-llava" and manifest["check"]["passed"]  # post-export check ran, passed
-    assert done.stdout.strip(), "the generated text is printed"
+    assert text.strip(), "the generated text is printed"
     assert "[1/" not in done.stderr, "the library shows no progress unless asked (progress=True)"
 
 
-def test_api_tokens_equal_cli_generate(one_liner, capsys) -> None:
-    out, done = one_liner
+def test_api_tokens_equal_cli_generate(example, capsys) -> None:
+    out, _, printed = example
     code, text, _ = run_cli(capsys, "generate", "--artifact", out, "--image", IMAGE, "--prompt", PROMPT, "--json", "-")
     assert code == 0
     cli = json.loads(text)
     art = rx.load_artifact(out)
     got = art.trace(IMAGE, PROMPT, max_new_tokens=32)
     assert got.generated_ids == cli["generated_ids"] and got.decisions == cli["decisions"]
-    assert got.text == cli["text"] == done.stdout[:-1]  # print's newline
+    assert got.text == cli["text"] == printed
     assert art.generate(load_image(IMAGE), PROMPT) == got.text  # an open PIL image is the same input
     assert art.generate(inputs=art.inputs(IMAGE, PROMPT)) == got.text  # processor outputs too
-
-
-def test_readme_python_example_runs(tmp_path) -> None:
-    """README's "Python API" block, as written, in a fresh folder (shipped inputs made absolute)."""
-    import re
-
-    section = (ROOT / "README.md").read_text().split("## Python API", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, flags=re.S)[1]
-    code = code.replace('"reroute_export/data/', f'"{ROOT}/reroute_export/data/')
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("[153, 153, 76, 38] ") and "\nTrue []\n" in done.stdout
 
 
 def test_plan_equals_cli_plan_json(capsys) -> None:

@@ -4,7 +4,8 @@ The matrix: both families; a Qwen2.5-VL processor whose pixel bounds are not the
 registered default (the fixed grid and N come from the checkpoint's own processor, or
 from the given processor arrays); tied and untied embeddings; safetensors shards and a
 single `pytorch_model.bin`; in-memory and streamed exports. Each folder is exported
-with plan flags, then `trace --model DIR` (eager) and `trace --artifact A` (ONNX
+with plan flags by the bare command form (`reroute-export --model DIR ...`, the in-memory
+ones with the post-export check), then `trace --model DIR` (eager) and `trace --artifact A` (ONNX
 Runtime) with the same flags must agree: decisions identical, last logits within 1e-4,
 greedy tokens identical. The folders look like hub downloads: HF files only, none of
 our own settings.
@@ -168,9 +169,11 @@ def make(name: str, case: Case, root: Path) -> Exported:
         arrays = save_arrays(Preprocessor.from_pretrained(folder, get_family(case.family)), IMAGE, root / "arrays")
         sample = ["--image", str(IMAGE), "--prompt", PROMPT]
     artifact = root / "artifact"
-    args = ["export", "--model", str(folder), *PLAN, *sample, "--output", str(artifact), "--max-new-tokens",
-            str(TOKENS), "--max-prompt-tokens", "160", "--no-check", "--quiet"]
-    assert main(args + (["--stream-weights"] if case.stream else [])) == 0, name
+    # the bare command form (no `export`), as the README's main job; the in-memory exports keep
+    # the post-export check (eager from the folder vs the artifact)
+    args = ["--model", str(folder), *PLAN, *sample, "--output", str(artifact), "--max-new-tokens",
+            str(TOKENS), "--max-prompt-tokens", "160", "--quiet"]
+    assert main(args + (["--stream-weights", "--no-check"] if case.stream else [])) == 0, name
     return Exported(folder, artifact, arrays)
 
 
@@ -229,6 +232,8 @@ def test_geometry_comes_from_the_checkpoint(name: str, built, tmp_path: Path) ->
         side = round(case.visual_tokens ** 0.5) * 2  # patches per side of the fixed square
         assert manifest["image_grid_thw"] == ([1, 8, 14] if case.dynamic else [1, side, side])
     assert manifest["weights_written"] == ("streamed" if case.stream else "in memory")
+    assert manifest["model_source"] == str(b.folder.resolve())
+    assert manifest.get("check", {}).get("passed") is (None if case.stream else True)
     out = tmp_path / "plan.json"
     assert main(["plan", "--model", str(b.folder), "--budget", "8", "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["visual_tokens"] == case.visual_tokens

@@ -75,24 +75,6 @@ def test_trace_artifact_takes_processor_arrays(tmp_path) -> None:
     assert_same_trace(ref, got)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_checkpoint_folder_exports_and_matches(family: str, tmp_path) -> None:
-    """A local HF checkpoint folder, exported by the bare command form, traces like the folder."""
-    from reroute_export.tiny import save_checkpoint
-
-    m = tiny(family)
-    folder = tmp_path / f"ckpt-{family}"
-    save_checkpoint(m.model, m.preprocessor, folder)
-    out = tmp_path / "artifact"
-    assert main(["--model", str(folder), "--budget", "32", "--target", "onnx", "--output", str(out),
-                 "--max-new-tokens", "32", "--quiet"]) == 0
-    manifest = read_manifest(out)
-    assert manifest["model_source"] == str(folder.resolve()) and manifest["check"]["passed"]
-    ref = trace_json(tmp_path, "ref", "--model", folder, "--budget", "32", "--image", IMAGE, "--prompt", PROMPT)
-    got = trace_json(tmp_path, "art", "--artifact", out, "--image", IMAGE, "--prompt", PROMPT)
-    assert_same_trace(ref, got)
-
-
 def test_artifact_folder_contents_and_graph_checks() -> None:
     folder = tiny_artifact("llava")
     manifest = read_manifest(folder)  # verifies every sha256

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny, tiny_artifact
+from conftest import streamed_tiny_llava, tiny, tiny_artifact
 from reroute_export import contract as C, inspect_artifact
 from reroute_export.errors import UserError
 from reroute_export.plan import make_plan
@@ -169,14 +169,10 @@ def test_bytes_two_graphs_point_at_are_counted_once(artifact, tmp_path) -> None:
     assert "referenced by more than one graph, counted once" in inspect_artifact.format_report(r)
 
 
-def test_streamed_weights_data_counted_once(tmp_path) -> None:
+def test_streamed_weights_data_counted_once() -> None:
     """A streamed export (--random-weights): every graph's external weights in one shared
     weights.data; the per-graph bytes add up to the file's distinct bytes, none shared."""
-    from reroute_export.cli import main
-
-    out = tmp_path / "rw"
-    assert main(["export", "--model", "tiny-llava", "--random-weights", "--budget", "32", "--output", str(out),
-                 "--quiet", "--no-check"]) == 0
+    out = streamed_tiny_llava()
     r = inspect_artifact.inspect(out)
     w = r["weights"]
     assert set(w["external"]) == {"weights.data"} and w["shared_bytes"] == 0

@@ -18,6 +18,8 @@ from reroute_export.errors import UserError
 from reroute_export.export.stream import WeightStream, is_streamed, random_source
 from reroute_export.registry import load
 
+from conftest import streamed_tiny_llava
+
 
 def test_random_weights_are_a_function_of_the_name() -> None:
     """Materialised on the CPU (the parity reference) == drawn one at a time (the stream)."""
@@ -55,11 +57,8 @@ def test_stand_ins_hold_no_data_and_restore_the_meta_parameters() -> None:
     assert q.weight.device.type == "meta"
 
 
-def test_streamed_export_matches_the_materialised_model(tmp_path: Path) -> None:
-    out = tmp_path / "rw"
-    rc = run(["export", "--model", "tiny-llava", "--random-weights", "--budget", "32", "--output", str(out),
-              "--quiet"])
-    assert rc == 0
+def test_streamed_export_matches_the_materialised_model() -> None:
+    out = streamed_tiny_llava()  # export --model tiny-llava --random-weights --budget 32
     m = json.loads((out / "manifest.json").read_text())
     assert m["random_weights"] is True and m["weights_written"] == "streamed"
     # The post-export check rebuilt the fp32 weights on the CPU and ran the artifact against them.
