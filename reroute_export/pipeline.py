@@ -264,7 +264,8 @@ def post_export_check(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Pa
 
     tol = tolerances(loaded.family.name, opts.precision)
     art = OrtArtifact.load(folder, verify=False)
-    (judged,) = compare_runtimes(EagerRuntime(loaded, plan), art, [("sample", inputs)], opts.check_tokens, tol,
+    tokens = min(opts.check_tokens, opts.max_new_tokens)  # an artifact decodes at most its max_new_tokens
+    (judged,) = compare_runtimes(EagerRuntime(loaded, plan), art, [("sample", inputs)], tokens, tol,
                                  vision=False)
     bad = judged.failures
     return {"metrics": judged.metrics, "tolerances": tol, "passed": not bad, "failures": bad}, bad
