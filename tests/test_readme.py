@@ -86,7 +86,7 @@ def _run_block(index: int, folder: Path) -> None:
     if index not in _RAN:
         for need in sorted(block_needs(blocks[index])):
             _run_block(max(j for j in range(index) if need in block_writes(blocks[j])), folder)
-        _RAN[index] = None
+        _RAN[index] = "did not finish (see the first test that ran this block)"
         for command in blocks[index]:
             if SKIP in command:
                 argv = shlex.split(command.split(SKIP)[0])
@@ -100,6 +100,8 @@ def _run_block(index: int, folder: Path) -> None:
             if out.returncode != expected or not out.stdout.strip():
                 _RAN[index] = f"{command}\nexit {out.returncode}\n{out.stderr[-2000:]}"
                 break
+        else:
+            _RAN[index] = None
     assert _RAN[index] is None, _RAN[index]
 
 
