@@ -69,34 +69,36 @@ def _tiny_artifact(family: str, method: str, precision: str, inline: bool, budge
     return shared_export(f"{family}-{method}-{precision}-b{budget:g}{'-inline' if inline else ''}", family, plan, opts)
 
 
-def shared_export(name: str, family: str, plan, opts):
-    """Export the family's tiny model with `plan` and `opts` into the run's shared folder under
-    `name`, once per test run: a worker that finds it being exported waits, then reuses it."""
+def _once(name: str, write) -> "Path":
+    """<the run's shared folder>/name, made by `write(out)` once per test run: a worker that
+    finds it being made waits, then reuses it (manifest.json is written last)."""
     import fcntl
-
-    from reroute_export.pipeline import export_artifact
-
-    out = _artifact_root() / name
-    with open(out.parent / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "manifest.json").is_file():  # written last: a complete artifact
-            export_artifact(tiny(family), plan, sample_inputs(family), out, opts)
-    return out
-
-
-def shared_cli_export(name: str, *argv: str):
-    """`reroute-export export ARGV --output <shared>/name`, run once per test run (as
-    shared_export): the artifact, for tests of one command's output in several files."""
-    import fcntl
-
-    from reroute_export.cli import main
 
     out = _artifact_root() / name
     with open(out.parent / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "manifest.json").is_file():
-            assert main(["export", *argv, "--output", str(out)]) == 0, argv
+            write(out)
     return out
+
+
+def shared_export(name: str, family: str, plan, opts):
+    """Export the family's tiny model with `plan` and `opts` into the run's shared folder under
+    `name`, once per test run."""
+    from reroute_export.pipeline import export_artifact
+
+    return _once(name, lambda out: export_artifact(tiny(family), plan, sample_inputs(family), out, opts))
+
+
+def shared_cli_export(name: str, *argv: str):
+    """`reroute-export export ARGV --output <shared>/name`, run once per test run (as
+    shared_export): the artifact, for tests of one command's output in several files."""
+    from reroute_export.cli import main
+
+    def write(out):
+        assert main(["export", *argv, "--output", str(out)]) == 0, argv
+
+    return _once(name, write)
 
 
 STREAMED_LLAVA = ("--model", "tiny-llava", "--random-weights", "--budget", "32", "--quiet")
