@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from conftest import FAMILIES, sample_inputs, tiny, tiny_artifact
 from reroute_export.cli import main
 from reroute_export import contract as C
 from reroute_export.export.artifact import read_manifest
+from reroute_export.export.exporter import STACK_TRACE
 from reroute_export.export.onnx_ops import DOMAIN
+from reroute_export.files import umask
 from reroute_export.preprocess import samples
 
 METHODS = ["none", "fastv", "pdrop", "reroute"]
@@ -92,9 +95,15 @@ def test_artifact_folder_contents_and_graph_checks() -> None:
         assert proto.ir_version == C.IR_VERSION
         names = [n.name for n in proto.graph.node]
         assert len(set(names)) == len(names)  # deterministic, unique node names
+        # no exporting machine's paths (stack traces); the module path layers.py reads stays
+        keys = {p.key for n in proto.graph.node for p in n.metadata_props}
+        assert STACK_TRACE not in keys and "pkg.torch.onnx.name_scopes" in keys, graph
     route = onnx.load(folder / C.file_of(C.route(0)))
     assert {n.op_type for n in route.graph.node if n.domain == DOMAIN} == {"SelectVisual", "RouteGather"}
     assert {f.name for f in route.functions if f.domain == DOMAIN} == {"SelectVisual", "RouteGather"}
+    usual = 0o666 & ~umask()  # onnx writes external data 0600: the writer gives every file the usual mode
+    assert {rel: stat.S_IMODE((folder / rel).stat().st_mode) for rel in manifest["files"]} == \
+        {rel: usual for rel in manifest["files"]}
 
 
 def test_export_is_deterministic(tmp_path) -> None:

@@ -158,6 +158,20 @@ def test_reports_get_the_usual_mode(tmp_path, umask_027, capsys) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.png", "plan.json", "trace.json"]
 
 
+def test_an_artifact_gets_the_usual_modes(tmp_path, umask_027) -> None:
+    """onnx writes a graph's external data 0600; a published artifact is readable as open() makes files."""
+    out = tmp_path / "out"
+    with ArtifactWriter(out) as w:
+        private, script = w.path / "g.onnx.data", w.path / "sub" / "run.sh"
+        script.parent.mkdir()
+        for path, mode in ((private, 0o600), (script, 0o755)):
+            path.write_bytes(b"x")
+            path.chmod(mode)
+        w.write_manifest({})
+    assert stat.S_IMODE((out / "g.onnx.data").stat().st_mode) == umask_027
+    assert stat.S_IMODE((out / "sub" / "run.sh").stat().st_mode) == 0o750  # executable stays so
+
+
 def test_an_interrupted_report_leaves_no_temp_file(tmp_path, monkeypatch) -> None:
     from reroute_export import files
 

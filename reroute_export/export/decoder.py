@@ -26,7 +26,7 @@ from ..plan import RoutingPlan
 from ..rewrite.segments import Program
 from .. import contract as C
 from .attention import lower
-from .exporter import torchlib_registry_once
+from .exporter import drop_stack_traces, torchlib_registry_once
 from .norms import rsqrt_as_div
 from .onnx_ops import attach_functions, inline_functions, translations
 from .stream import EXTERNAL_ABOVE, StreamedGraph, WeightStream
@@ -92,6 +92,7 @@ def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, o
             input_names=input_names, output_names=output_names, custom_translation_table=translations(),
             optimize=stream is None, verbose=False,
         )
+        drop_stack_traces(program.model)
         if stream is not None:
             return stream.bind(program.model, module)  # stand-ins still in place: their ids name them
     return program.model_proto

@@ -1,4 +1,5 @@
-"""What every torch.onnx (dynamo) export here shares: the torchlib registry, built once.
+"""What every torch.onnx (dynamo) export here shares: the torchlib registry, built once,
+and graphs without the exporting machine's stack traces.
 
 torch.onnx.export builds its ONNX registry from torchlib on every call (about 1 s on these
 CPUs: each torchlib function's signature is parsed again); an artifact is 13 or more
@@ -7,6 +8,13 @@ opset to every later call in the process; the copy is a new dict of new lists, s
 custom translations each export registers on it do not accumulate. The registry is
 torch's own (private) class: where it is not the shape this expects, the exporter runs
 untouched.
+
+torch.onnx records on every node the Python stack that made it
+(`pkg.torch.onnx.stack_trace`): absolute paths of the exporting checkout, so the same
+export from two folders gave graphs that differ byte for byte, and a quarter of a graph
+file's bytes. `drop_stack_traces` removes them; the module path of every node
+(`namespace`, `pkg.torch.onnx.name_scopes`), which `check/layers.py` and
+`quantize/select.py` read, stays.
 """
 
 from __future__ import annotations
@@ -55,3 +63,17 @@ def torchlib_registry_once() -> Iterator[None]:
         yield
     finally:
         cls.from_torchlib = build
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def drop_stack_traces(model: Any) -> Any:
+    """`model` (an onnx_ir Model) with no node's stack trace, in place, in every graph and function."""
+    import onnx_ir as ir
+
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.pop(STACK_TRACE, None)
+    return model
