@@ -68,8 +68,9 @@ def umask() -> int:
 
 def usual_mode(path: str | Path) -> None:
     """mkstemp makes 0600 files (private temporaries); a finished output gets what open()
-    would have given it: 0666 less the umask."""
-    os.chmod(path, 0o666 & ~umask())
+    would have given it: 0666 less the umask (an executable keeps its x bits, less the umask)."""
+    x = os.stat(path).st_mode & 0o111
+    os.chmod(path, (0o666 | x) & ~umask())
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

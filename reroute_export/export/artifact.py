@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -31,7 +30,7 @@ from typing import Any, cast
 from .. import contract as C
 from ..contract import Manifest
 from ..errors import UserError
-from ..files import check_folders_above, umask, write_error, writing
+from ..files import check_folders_above, usual_mode, write_error, writing
 
 _CHUNK = 1 << 20  # hash in 1 MiB reads: graphs with external weights reach gigabytes
 
@@ -229,11 +228,9 @@ def _usual_modes(folder: Path) -> None:
     """Every file as open() would have made it (0666 less the umask; an executable keeps its
     x bits). Not every writer does: onnx's external-data writer makes `<graph>.onnx.data` 0600,
     which a serving user or container other than the exporter's could not read."""
-    mask = umask()
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            mode = stat.S_IMODE(path.stat().st_mode)
-            os.chmod(path, (0o666 | (mode & 0o111)) & ~mask)
+            usual_mode(path)
 
 
 class ArtifactWriter:

@@ -72,8 +72,7 @@ def drop_stack_traces(model: Any) -> Any:
     """`model` (an onnx_ir Model) with no node's stack trace, in place, in every graph and function."""
     import onnx_ir as ir
 
-    graphs = [model.graph, *model.functions.values()]
-    for graph in graphs:
+    for graph in (model.graph, *model.functions.values()):
         for node in ir.traversal.RecursiveGraphIterator(graph):
             node.metadata_props.pop(STACK_TRACE, None)
     return model
