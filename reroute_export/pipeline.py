@@ -170,12 +170,11 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
     example = example_for(loaded, inputs, dtype)
     form = opts.attention_form
     extra = [(k, b["plan"]) for k, b in enumerate(buckets[1:], start=1)]
-    roles = 3 * len(plan.stages) + 1 + len(plan.stages) * len(extra)
     with steps.step(f"decoder graphs: {len(plan.stages) + 1} segments, {len(plan.stages)} heads, "
                     f"{len(plan.stages) * len(buckets)} routing graphs"):
         decoder_files = export_decoder(model, loaded.family, plan, example, sh["max_prompt_tokens"],
                                        sh["cache_tokens"], folder, inline=opts.inline_functions, stream=stream,
-                                       on_graph=lambda role: steps.note(f"{role} ({roles} graphs)"), buckets=extra,
+                                       on_graph=lambda role, i, n: steps.note(f"graph {i}/{n}: {role}"), buckets=extra,
                                        attention=form)
     with steps.step("embeddings and preprocessor"):
         if stream is not None:
@@ -281,7 +280,7 @@ def artifact_bytes(loaded: Loaded, opts: ExportOptions) -> int:
 def export_artifact(loaded: Loaded, plan: RoutingPlan, inputs: Any, output: Path, opts: ExportOptions) -> ExportResult:
     if opts.precision not in PRECISIONS:
         raise ValueError(f"precision {opts.precision}")
-    steps = Steps(4 + opts.check + (opts.target == "trt") + is_streamed(loaded.model), quiet=opts.quiet,
+    steps = Steps(3 + opts.check + (opts.target == "trt") + is_streamed(loaded.model), quiet=opts.quiet,
                   title="export")
     try:
         with ArtifactWriter(Path(output), force=opts.force, expected_bytes=artifact_bytes(loaded, opts)) as writer:

@@ -9,6 +9,21 @@ import numpy as np
 from ..results import TraceResult
 
 
+class PerInputReport:
+    """A report whose `inputs` are dicts, each naming its "input" and its "failures": it
+    passed when no input failed."""
+
+    inputs: list[dict[str, Any]]
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{r['input']}: {msg}" for r in self.inputs for msg in r["failures"]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
 def stage_agreement(ref: dict[str, list[int]], got: dict[str, list[int]]) -> list[dict[str, Any]]:
     rows = []
     for layer, kept in ref.items():

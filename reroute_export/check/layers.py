@@ -40,6 +40,7 @@ from .. import contract as C
 from ..errors import GraphRunError, UserError
 from ..files import check_folders_above, umask, write_json, writing
 from ..progress import Steps
+from .compare import PerInputReport
 from .tolerances import LAYER_KINDS, layer_tolerances
 
 PREFILL = "prefill"
@@ -429,7 +430,7 @@ def compare_input(name: str, ref: Capture, got: Capture, ids: np.ndarray, image_
 
 
 @dataclass
-class LayerReport:
+class LayerReport(PerInputReport):
     artifact: str
     model: str
     precision: str
@@ -439,14 +440,6 @@ class LayerReport:
     notes: list[str] = field(default_factory=list)
     inputs: list[dict[str, Any]] = field(default_factory=list)
     dump: str | None = None
-
-    @property
-    def failures(self) -> list[str]:
-        return [f"{r['input']}: {msg}" for r in self.inputs for msg in r["failures"]]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
 
     def to_json(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "model": self.model, "precision": self.precision,

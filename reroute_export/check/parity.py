@@ -20,6 +20,7 @@ from typing import Any, Callable
 from ..errors import GraphRunError, UserError
 from ..files import read_json
 from ..progress import Steps
+from .compare import PerInputReport
 from .loop import Judged, compare_runtimes
 from .tolerances import DEFAULTS, tolerances
 
@@ -32,21 +33,13 @@ class ParityInput:
 
 
 @dataclass
-class ParityReport:
+class ParityReport(PerInputReport):
     artifact: str
     model: str
     precision: str
     tolerances: dict[str, float]
     tokens: int
     inputs: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def failures(self) -> list[str]:
-        return [f"{r['input']}: {msg}" for r in self.inputs for msg in r["failures"]]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
 
     def to_json(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "model": self.model, "precision": self.precision,

@@ -182,6 +182,7 @@ def export_decoder(
 ) -> dict[str, str]:
     """Write every decoder graph of `plan` into `folder`, and the routing graphs of each extra
     visual-token bucket k (its own plan: N_k, K_j) as route.j.bk: role -> file name.
+    `on_graph(role, i, n)` is called as graph i of n starts.
     `max_prompt_tokens` bounds every row axis (the longest prompt of any bucket);
     `cache_tokens` are the segments' fixed KV buffer lengths; `attention` the form each
     segment's attention takes (export/attention.py)."""
@@ -199,7 +200,7 @@ def export_decoder(
 
     def write(role: str) -> None:
         if on_graph is not None:
-            on_graph(role)
+            on_graph(role, roles.index(role) + 1, len(roles))
         prog, module, own = jobs[role]
         args = examples[id(prog)][own]
         inputs, outputs = prog.io(own)
