@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from . import __version__, api
@@ -322,9 +323,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_output(args: argparse.Namespace) -> str:
+    """The folder an export without --output writes, named from the job in the working folder:
+    MODEL-METHOD[-bBUDGET][-PRECISION][-trt], e.g. llava-1.5-7b-reroute-b128-trt."""
+    model = Path(args.model.rstrip("/") or "/")
+    name = model.resolve().name if model.is_dir() else model.stem if model.is_file() else model.name
+    method = args.method or "reroute"
+    parts = [name or "artifact", method]
+    if args.budget is not None and method != "none":
+        parts.append(f"b{args.budget:g}")
+    if args.precision != "fp32":
+        parts.append(args.precision)
+    if args.target == "trt":
+        parts.append("trt")
+    return "-".join(parts)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.output is None:
-        raise UserError("--output DIR is required")
+        args.output = default_output(args)  # "wrote DIR/" at the end names it
     result = api.export(
         args.model, output=args.output, target=args.target, precision=args.precision, fp32_layers=args.fp32_layers,
         image_buckets=args.image_buckets, attention=args.attention,
@@ -400,7 +417,6 @@ def print_check(check: dict[str, Any]) -> None:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .check.parity import COLUMNS, markdown, parse_overrides, run_parity, summary_rows
 
@@ -436,7 +452,6 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def cmd_parity_layers(args: argparse.Namespace, overrides: dict[str, float]) -> int:
     """parity --layers [N] (--dump DIR implies it): the first decoder layer over tolerance, per input."""
-    from pathlib import Path
 
     from .check.layers import COLUMNS, markdown, run_layer_parity, summary_rows, verdict
 
@@ -479,7 +494,6 @@ def parity_map(item: Any, ref: Any, got: Any, art: Any, markdown_path: Any) -> s
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .check.lint import lint
 
@@ -595,7 +609,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="gpu-trt10",
                    help="TensorRT target: gpu-trt10, gpu-trt11, jetson-orin, jetson-orin-nx, jetson-orin-nano")
     g.add_argument("--plugin-lib", help="TensorRT plugin library implementing reroute ops (default: local functions)")
-    g.add_argument("--output", help="artifact folder to write (refused if it exists, unless --force)")
+    g.add_argument("--output", help="artifact folder to write (refused if it exists, unless --force); default "
+                                   "MODEL-METHOD-bBUDGET[-PRECISION][-trt] in the working folder")
     g.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     g.add_argument("--fp32-layers", metavar="RANGE",
                    help="fp16 exports: keep these decoder layers in fp32, e.g. 28-31 or 28- (fp16 overflow fallback)")

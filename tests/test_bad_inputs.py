@@ -61,6 +61,17 @@ def test_existing_output_needs_force(tmp_path, capsys) -> None:
     assert tree(tmp_path) == before
 
 
+def test_the_default_output_folder_is_refused_like_a_given_one(tmp_path, capsys, monkeypatch) -> None:
+    """Without --output the export writes MODEL-METHOD-bBUDGET/ in the working folder; one that
+    exists is refused (nothing written) as `--output` would be."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-llava-reroute-b32").mkdir()
+    before = tree(tmp_path)
+    err = one_line_error(capsys, ["--model", "tiny-llava", "--budget", "32", "--target", "onnx"])
+    assert "output folder tiny-llava-reroute-b32 exists; pass --force" in err, err
+    assert tree(tmp_path) == before
+
+
 @pytest.mark.parametrize("args,message", [
     (["--budget", "64"], "valid budgets are 1..63"),
     (["--budget", "0"], "valid budgets are 1..63"),

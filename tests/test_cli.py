@@ -102,6 +102,7 @@ def test_trace_human_output(capsys) -> None:
         (["trace", "--model", "llava-1.5-7b", "--budget", "32", "--image", "x.png", "--prompt", "x"],
          "not in the local HF cache"),
         (["trace", "--model", "./no/such/folder", "--budget", "32"], "does not exist"),
+        (["--model", "llava-1.5-7b", "--budget", "128", "--target", "trt"], "not in the local HF cache"),  # the brief's line
     ],
 )
 def test_bad_input_is_one_line(args, message, capsys, monkeypatch, tmp_path) -> None:
@@ -123,6 +124,19 @@ def test_folder_without_config_or_weights(tmp_path, capsys) -> None:
     (odd / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     code, _, err = run_cli("plan", "--model", odd, "--budget", "8", capsys=capsys)
     assert code == 2 and "unsupported architecture BertModel" in err
+
+
+@pytest.mark.parametrize("argv,folder", [
+    ("--model llava-1.5-7b --budget 128 --target trt", "llava-1.5-7b-reroute-b128-trt"),
+    ("--model tiny-llava --budget 32", "tiny-llava-reroute-b32"),
+    ("--model tiny-qwen2.5-vl --budget 12.5 --method pdrop --precision fp16", "tiny-qwen2.5-vl-pdrop-b12.5-fp16"),
+    ("--model tiny-llava --method none", "tiny-llava-none"),
+    ("--model llava-hf/llava-1.5-7b-hf/ --drop-layers 2,8 --keep 64,32", "llava-1.5-7b-hf-reroute"),
+])
+def test_an_export_without_output_writes_a_folder_named_from_the_job(argv, folder) -> None:
+    from reroute_export.cli import default_output, parse
+
+    assert default_output(parse(argv.split())) == folder
 
 
 def test_console_script_version() -> None:

@@ -77,7 +77,7 @@ def readme_dir(tmp_path_factory) -> Path:
 
 
 _RAN: dict[int, str | None] = {}  # block index -> None (ran as documented) or what failed
-_STDERR: dict[str, str] = {}  # command -> what it printed on stderr
+_DONE: dict[str, subprocess.CompletedProcess] = {}  # command -> its run (stdout, stderr)
 
 
 def _run_block(index: int, folder: Path) -> None:
@@ -97,7 +97,7 @@ def _run_block(index: int, folder: Path) -> None:
             argv = [shipped_input(a) for a in shlex.split(command)]
             out = subprocess.run([sys.executable, "-m", "reroute_export", *argv[1:]], capture_output=True,
                                  text=True, cwd=folder, timeout=600)
-            _STDERR[command] = out.stderr
+            _DONE[command] = out
             expected = 3 if "--target trt" in command else 0
             if out.returncode != expected or not out.stdout.strip():
                 _RAN[index] = f"{command}\nexit {out.returncode}\n{out.stderr[-2000:]}"
@@ -118,13 +118,24 @@ def test_the_main_job_shows_its_progress(readme_dir: Path) -> None:
     main_job = readme_blocks()[0][0]
     assert main_job.startswith("reroute-export --model tiny-llava --budget 32 --target onnx")
     _run_block(0, readme_dir)
-    lines = _STDERR[main_job].splitlines()
+    lines = _DONE[main_job].stderr.splitlines()
     steps = [m.groups() for line in lines if (m := re.fullmatch(r"\[(\d)/(\d)\] (.+) \(\d+\.\ds\)", line))]
     assert [(int(i), int(n)) for i, n, _ in steps] == [(i, 4) for i in range(1, 5)], lines  # every step, no more
     assert steps[1][2].startswith("decoder graphs: 5 segments, 4 heads, 4 routing graphs"), steps
     graphs = [line.strip() for line in lines if line.strip().startswith("graph ")]
     assert graphs[0] == "graph 1/13: segment.0" and graphs[-1] == "graph 13/13: segment.4", graphs
     assert [int(g.split()[1].split("/")[0]) for g in graphs] == list(range(1, 14))
+
+
+def test_an_export_without_output_names_its_folder_from_the_job(readme_dir: Path) -> None:
+    """README's TensorRT line has no --output: the artifact goes to MODEL-METHOD-bBUDGET-trt/
+    in the working folder, and the run says so."""
+    blocks = readme_blocks()
+    index = next(i for i, b in enumerate(blocks) if b[0].endswith("--target trt --device jetson-orin"))
+    _run_block(index, readme_dir)
+    folder = readme_dir / "tiny-llava-reroute-b32-trt"
+    assert (folder / "manifest.json").is_file() and (folder / "build_trt.sh").is_file()
+    assert _DONE[blocks[index][0]].stdout.startswith("wrote tiny-llava-reroute-b32-trt/ (tiny-llava, reroute, ")
 
 
 def test_only_shipped_inputs_point_into_the_repo(tmp_path) -> None:
