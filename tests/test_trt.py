@@ -549,6 +549,25 @@ def test_llava_7b_fp16_plan_holds_the_weights_once() -> None:
     assert mem["fits_device"] and mem["workspace_gib"] == 4.0, figures  # 64 GiB Orin
 
 
+def test_a_plan_that_does_not_fit_the_device_says_what_would() -> None:
+    """llava-1.5-7b: on a 16 GiB Orin NX fp32 (the export's default) does not fit and the
+    warning points at fp16, which fits; on an 8 GiB Orin Nano fp16 does not fit either (no
+    hint: its TensorRT 10.3 takes no opset-21 int4 QDQ, see lint)."""
+    from reroute_export.plan import make_plan
+    from reroute_export.registry import resolve_spec
+
+    routing = make_plan(resolve_spec("llava-1.5-7b"), "reroute", budget=128)
+
+    def warnings(device: str, precision: str) -> list[str]:
+        return B.plan_warnings(B.device(device), precision,
+                               B.spec_memory("llava-1.5-7b", routing, device, precision)["memory"])
+
+    fp32, nano = warnings("jetson-orin-nx", "fp32"), warnings("jetson-orin-nano", "fp16")
+    assert len(fp32) == 1 and "exceeds jetson-orin-nx's 16 GiB; --precision fp16 halves the weights" in fp32[0], fp32
+    assert warnings("jetson-orin-nx", "fp16") == []
+    assert len(nano) == 1 and nano[0].endswith("exceeds jetson-orin-nano's 8 GiB"), nano
+
+
 # ---------------------------------------------------------------- CPU: the runner's plumbing
 
 

@@ -774,7 +774,8 @@ def plan_warnings(dev: dict[str, Any], precision: str, memory: dict[str, Any]) -
         out.append(f"{precision} needs compute capability >= {need}; {dev['name']} is {dev['compute_capability']}: "
                    "TensorRT will not build these engines there")
     if memory.get("fits_device") is False:
-        out.append(f"estimated memory ({memory_text(memory)}) exceeds {dev['name']}'s {dev['memory_gib']} GiB")
+        out.append(f"estimated memory ({memory_text(memory)}) exceeds {dev['name']}'s {dev['memory_gib']} GiB"
+                   + ("; --precision fp16 halves the weights" if precision == "fp32" else ""))
     return out
 
 
