@@ -356,14 +356,24 @@ class Artifact:
         return got
 
     def trace(self, image: Image | None = None, prompt: str | None = None, *, inputs: Inputs | None = None,
-              max_new_tokens: int = 16) -> TraceResult:
-        """Routing decisions, last-prompt logits and greedy tokens, as `reroute-export trace`."""
-        return self.runner.trace(self.inputs(image, prompt, inputs), max_new_tokens)
+              max_new_tokens: int = 16, on_text: Log | None = None) -> TraceResult:
+        """Routing decisions, last-prompt logits and greedy tokens, as `reroute-export trace`.
+        `on_text(piece)` gets the text while it is generated; the pieces joined are `.text`."""
+        from .runtime.processor import TextStream
+
+        if on_text is None:
+            return self.runner.trace(self.inputs(image, prompt, inputs), max_new_tokens)
+        stream = TextStream(self.runner.preprocessor.decode)
+        result = self.runner.trace(self.inputs(image, prompt, inputs), max_new_tokens,
+                                   on_token=lambda token: on_text(stream.push(token)))
+        on_text(stream.finish())
+        return result
 
     def generate(self, image: Image | None = None, prompt: str | None = None, *, inputs: Inputs | None = None,
-                 max_new_tokens: int = 32) -> str:
-        """Greedy text for one image and prompt, as `reroute-export generate`."""
-        return self.trace(image, prompt, inputs=inputs, max_new_tokens=max_new_tokens).text
+                 max_new_tokens: int = 32, on_text: Log | None = None) -> str:
+        """Greedy text for one image and prompt, as `reroute-export generate` (which prints it
+        through `on_text` while it is generated)."""
+        return self.trace(image, prompt, inputs=inputs, max_new_tokens=max_new_tokens, on_text=on_text).text
 
 
 def runtime_class(name: str) -> type[OrtArtifact]:

@@ -313,13 +313,17 @@ def _flag_value(value: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Image + prompt -> text from an exported artifact (ONNX Runtime), greedy."""
-    result = load_artifact(args).trace(**need_sample(args), max_new_tokens=args.max_new_tokens)
+    """Image + prompt -> text from an exported artifact (ONNX Runtime), greedy; the text is
+    printed while it is generated."""
+    shown = not args.quiet and args.json != "-"
+    art, sample = load_artifact(args), need_sample(args)
+    result = art.trace(**sample, max_new_tokens=args.max_new_tokens,
+                       on_text=(lambda piece: print(piece, end="", flush=True)) if shown else None)
+    if shown:
+        print()
     if args.json:
         write_json(args.json, {"text": result.text, "generated_ids": result.generated_ids,
                               "decisions": result.decisions})
-    if not args.quiet and args.json != "-":
-        print(result.text)
     return 0
 
 

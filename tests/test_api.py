@@ -75,6 +75,8 @@ def test_api_tokens_equal_cli_generate(example, capsys) -> None:
     assert got.text == cli["text"] == printed
     assert art.generate(load_image(IMAGE), PROMPT) == got.text  # an open PIL image is the same input
     assert art.generate(inputs=art.inputs(IMAGE, PROMPT)) == got.text  # processor outputs too
+    pieces: list[str] = []
+    assert art.generate(IMAGE, PROMPT, on_text=pieces.append) == got.text == "".join(pieces)  # streamed
 
 
 def test_plan_equals_cli_plan_json(capsys) -> None:

@@ -146,11 +146,43 @@ def test_fp16_artifact_agrees_with_fp32_reference(family: str, tmp_path) -> None
         assert m["logits_cosine"] > 0.99 and 0 <= m["token_agreement"] <= 1
 
 
-def test_generate_from_artifact(capsys) -> None:
+def test_generate_from_artifact(capsys, tmp_path) -> None:
+    """`generate` prints the text while it is generated: what it printed is the text its
+    --json records, then a newline."""
     art = tiny_artifact("llava")
-    code = main(["generate", "--artifact", str(art), "--image", IMAGE, "--prompt", PROMPT, "--max-new-tokens", "8"])
+    code = main(["generate", "--artifact", str(art), "--image", IMAGE, "--prompt", PROMPT, "--max-new-tokens", "8",
+                 "--json", str(tmp_path / "g.json")])
     assert code == 0
-    assert capsys.readouterr().out.strip()
+    printed = capsys.readouterr().out
+    assert printed.strip() and printed == json.loads((tmp_path / "g.json").read_text())["text"] + "\n"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_text_joins_to_the_decoded_text(family) -> None:
+    """TextStream's pieces joined are decode(ids), token by token, for real text (words show
+    before the end: only the last word is held back) and for random ids (byte pieces that
+    never form a character, clean-up rules such as " ." -> "."); never "shown too early"."""
+    from reroute_export.api import load_artifact
+    from reroute_export.runtime.processor import TextStream
+
+    proc = load_artifact(tiny_artifact(family)).runner.preprocessor
+    words = "An astronaut , riding a horse . It 's on the moon ? Yes ! 宇航员 in a café\nthe end"
+    rng = np.random.default_rng(0)
+    vocab = proc.tokenizer.get_vocab_size()
+    runs = [proc.tokenizer.encode(words, add_special_tokens=False).ids,
+            *(rng.integers(0, vocab, 40).tolist() for _ in range(30))]
+    for clean_up in (False, True):  # the tokenizer's own setting, and transformers' clean-up rules on
+        proc.clean_up = clean_up
+        for n, ids in enumerate(runs):
+            stream = TextStream(proc.decode)
+            pieces = [stream.push(t) for t in ids]
+            rest = stream.finish()
+            assert "".join(pieces) + rest == proc.decode(ids), (clean_up, n, pieces, rest)
+            assert "shown too early" not in rest, (clean_up, n, ids)
+        stream = TextStream(proc.decode)
+        shown = "".join(stream.push(t) for t in runs[0])  # before finish(): all but the last word
+        assert shown == proc.decode(runs[0])[:-len(" end")], shown
+        assert shown.startswith("An astronaut, riding a horse. It's" if clean_up else "An astronaut , riding"), shown
 
 
 def test_plan_flags_must_match_the_artifact(capsys, tmp_path) -> None:

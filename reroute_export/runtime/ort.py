@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -368,9 +368,11 @@ class OrtArtifact:
         return logits.reshape(-1).astype(np.float32), kv
 
     def generate(
-        self, inputs: Inputs, max_new_tokens: int, eos_token_id: int | None = None
+        self, inputs: Inputs, max_new_tokens: int, eos_token_id: int | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> tuple[dict[str, Any], list[int]]:
-        """Greedy decoding, as the eager `routing.generate`: the EOS token is kept and ends it."""
+        """Greedy decoding, as the eager `routing.generate`: the EOS token is kept and ends it.
+        `on_token(id)` is called as each token is chosen."""
         limit = int(self.shapes.get("max_new_tokens", max_new_tokens))
         if not 0 <= max_new_tokens <= limit:
             raise UserError(f"max new tokens must be in 0..{limit} for this artifact, got {max_new_tokens}")
@@ -379,14 +381,17 @@ class OrtArtifact:
         for step in range(max_new_tokens):
             token = int(np.argmax(logits))  # first maximum on ties, as torch.argmax
             ids.append(token)
+            if on_token is not None:
+                on_token(token)
             if token == eos_token_id or step + 1 == max_new_tokens:
                 break
             logits, kv = self.decode_step(token, pre["next_position"] + step, kv)
         return pre, ids
 
-    def trace(self, inputs: Inputs, max_new_tokens: int = 16) -> TraceResult:
+    def trace(self, inputs: Inputs, max_new_tokens: int = 16,
+              on_token: Callable[[int], None] | None = None) -> TraceResult:
         """The eager `trace` contract (decisions, last logits, greedy ids, text, plan)."""
-        pre, ids = self.generate(inputs, max_new_tokens, self.manifest.get("eos_token_id"))
+        pre, ids = self.generate(inputs, max_new_tokens, self.manifest.get("eos_token_id"), on_token)
         decisions = {str(s.layer): d.tolist() for s, d in zip(self.plan.stages, pre["decisions"])}
         return TraceResult(decisions, pre["logits"].tolist(), ids, self.preprocessor.decode(ids), self.plan)
 

@@ -13,7 +13,7 @@ pixels, grids and decoded text equal to Preprocessor's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import PIL.Image
@@ -100,6 +100,30 @@ class ArtifactProcessor:
             for a, b in _CLEAN_UP:
                 text = text.replace(a, b)
         return text
+
+
+class TextStream:
+    """Generated text while it is generated: `push(token)` gives the text that no later token
+    can change, `finish()` the rest; the pieces joined are `decode(all tokens)`. The last word
+    is held back: the clean-up rules above and a character split over byte tokens change it."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self.decode, self.ids, self.shown = decode, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.decode(self.ids)
+        safe = text[:max(text.rfind(" "), text.rfind("\n"), 0)]
+        if "\ufffd" in safe or not safe.startswith(self.shown):
+            return ""
+        piece, self.shown = safe[len(self.shown):], safe
+        return piece
+
+    def finish(self) -> str:
+        text = self.decode(self.ids)
+        if not text.startswith(self.shown):  # no tokenizer of ours does this: say so rather than garble
+            return f"\n(the text above was shown too early; in full:)\n{text}"
+        return text[len(self.shown):]
 
 
 def _token_id(tokenizer: Tokenizer, token: str) -> int:
