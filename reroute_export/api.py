@@ -361,11 +361,11 @@ class Artifact:
         `on_text(piece)` gets the text while it is generated; the pieces joined are `.text`."""
         from .runtime.processor import TextStream
 
+        given = self.inputs(image, prompt, inputs)
         if on_text is None:
-            return self.runner.trace(self.inputs(image, prompt, inputs), max_new_tokens)
+            return self.runner.trace(given, max_new_tokens)
         stream = TextStream(self.runner.preprocessor.decode)
-        result = self.runner.trace(self.inputs(image, prompt, inputs), max_new_tokens,
-                                   on_token=lambda token: on_text(stream.push(token)))
+        result = self.runner.trace(given, max_new_tokens, on_token=lambda token: on_text(stream.push(token)))
         on_text(stream.finish())
         return result
 

@@ -421,7 +421,6 @@ def print_check(check: dict[str, Any]) -> None:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-
     from .check.parity import COLUMNS, markdown, parse_overrides, run_parity, summary_rows
 
     if args.max_new_tokens < 1:
@@ -456,7 +455,6 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def cmd_parity_layers(args: argparse.Namespace, overrides: dict[str, float]) -> int:
     """parity --layers [N] (--dump DIR implies it): the first decoder layer over tolerance, per input."""
-
     from .check.layers import COLUMNS, markdown, run_layer_parity, summary_rows, verdict
 
     if args.runtime != "onnxruntime":
@@ -498,7 +496,6 @@ def parity_map(item: Any, ref: Any, got: Any, art: Any, markdown_path: Any) -> s
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-
     from .check.lint import lint
 
     report = lint(Path(args.target), args.trt_version, polygraphy=args.polygraphy)

@@ -198,9 +198,9 @@ def export_decoder(
     for prog, _, _ in jobs.values():
         examples.setdefault(id(prog), graph_examples(prog, example, dtypes))
 
-    def write(role: str) -> None:
+    def write(role: str, i: int) -> None:
         if on_graph is not None:
-            on_graph(role, roles.index(role) + 1, len(roles))
+            on_graph(role, i, len(roles))
         prog, module, own = jobs[role]
         args = examples[id(prog)][own]
         inputs, outputs = prog.io(own)
@@ -210,6 +210,6 @@ def export_decoder(
         save(finish(proto, inline, attention), folder / C.file_of(role))
 
     roles = list(jobs)
-    for role in roles:
-        write(role)
+    for i, role in enumerate(roles, start=1):
+        write(role, i)
     return {role: C.file_of(role) for role in roles}
