@@ -204,9 +204,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise UserError("--map needs an --image (routing maps draw the picture the tokens came from)")
     if args.artifact:
         art = load_artifact(args)
-        result = art.trace(**need_sample(args), max_new_tokens=args.max_new_tokens)
+        inputs = art.inputs(**need_sample(args))  # Qwen2.5-VL: resized to the artifact's nearest image size
+        result = art.trace(inputs=inputs, max_new_tokens=args.max_new_tokens)
         name = f"{art.manifest['model']} (artifact {shown_dir(args.artifact)}, {art.manifest['precision']})"
-        family, thw = art.family, art.manifest.get("image_grid_thw")
+        family, thw = art.family, inputs.image_grid_thw
     else:  # the eager reference: torch and transformers (the --artifact path needs neither)
         from .registry import load
         from .trace import check_positions, for_inputs, run_trace
@@ -431,9 +432,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
     maps: dict[str, str] = {}
     on_result = None
     if args.markdown:
-        def on_result(item, ref, got, art):  # noqa: ANN001  (draw maps only where routing differs)
+        def on_result(item, ref, got, art, inputs):  # noqa: ANN001  (draw maps only where routing differs)
             if ref.decisions != got.decisions:
-                maps[item.name] = parity_map(item, ref, got, art, Path(args.markdown))
+                maps[item.name] = parity_map(item, ref, got, art, inputs, Path(args.markdown))
 
     report = run_parity(Path(args.artifact), args.model, args.inputs, args.max_new_tokens, overrides,
                         quiet=args.quiet or args.json == "-", on_result=on_result,
@@ -484,13 +485,14 @@ def cmd_parity_layers(args: argparse.Namespace, overrides: dict[str, float]) -> 
     return 0 if report.passed else 1
 
 
-def parity_map(item: Any, ref: Any, got: Any, art: Any, markdown_path: Any) -> str:
-    """Reference-vs-artifact routing maps beside the markdown report; returns the relative link."""
+def parity_map(item: Any, ref: Any, got: Any, art: Any, inputs: Any, markdown_path: Any) -> str:
+    """Reference-vs-artifact routing maps beside the markdown report; returns the relative link.
+    The grid is the one the input ran at (a Qwen2.5-VL artifact's image-size bucket)."""
     from .preprocess import load_image
     from .viz import fit_for, grid_for, side_by_side
 
     name = f"{markdown_path.stem}-{''.join(c if c.isalnum() else '-' for c in item.name)}.png"
-    grid = grid_for(art.family, art.plan.visual_tokens, art.manifest.get("image_grid_thw"))
+    grid = grid_for(art.family, ref.plan.visual_tokens, inputs.image_grid_thw)
     side_by_side(ref, got, load_image(item.image), grid, markdown_path.parent / name, fit=fit_for(art.family))
     return name
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import tempfile
 from pathlib import Path
 
@@ -19,9 +20,12 @@ import torch
 
 from conftest import sample_inputs, shared_export, tiny
 from reroute_export import contract as C
+from reroute_export.check.layers import run_layer_parity
+from reroute_export.check.parity import run_parity
 from reroute_export.errors import UserError
 from reroute_export.export.artifact import read_manifest
 from reroute_export.pipeline import ExportOptions, export_artifact
+from reroute_export.preprocess import samples
 from reroute_export.plan import make_plan
 from reroute_export.runtime import OrtArtifact
 from reroute_export.runtime.eager import EagerRuntime
@@ -64,6 +68,7 @@ def test_three_image_sizes_each_trace_like_eager_at_that_size(size: tuple[int, i
     assert k == bucket
     got = art.trace(inputs, 8)
     ref = EagerRuntime(tiny(FAMILY), art.bucket_plans[k]).trace(inputs.to_torch(), 8)
+    assert got.plan == art.plan_for(inputs) == art.bucket_plans[k]  # the trace reports the plan it ran
     assert got.decisions == ref.decisions
     assert np.abs(np.array(got.last_logits) - np.array(ref.last_logits)).max() <= 1e-4
     assert got.generated_ids == ref.generated_ids and ref.generated_ids
@@ -83,3 +88,51 @@ def test_llava_takes_no_buckets() -> None:
     with pytest.raises(UserError, match="buckets are for Qwen2.5-VL"):
         export_artifact(loaded, plan, sample_inputs("llava"), Path(tempfile.mkdtemp()) / "x",
                         ExportOptions(quiet=True, image_buckets=((336, 336),)))
+
+
+def _sized_images(folder: Path) -> Path:
+    """An input set of one photo at three sizes, one per bucket (the reference must follow each)."""
+    photo = PIL.Image.open(samples()[1][0]).convert("RGB")  # the cat: a photo, so routing is not all ties
+    rows = []
+    for i, size in enumerate([(224, 224), (150, 100), (100, 150)]):  # W x H: buckets 0, 1, 2
+        photo.resize(size).save(folder / f"size{i}.png")
+        rows.append({"image": f"size{i}.png", "prompt": "What is in the picture?"})
+    (folder / "inputs.json").write_text(json.dumps(rows))
+    return folder / "inputs.json"
+
+
+def test_parity_runs_each_input_against_the_reference_at_its_bucket(tmp_path: Path) -> None:
+    """`parity` and `parity --layers` on images of three sizes: the eager reference runs each
+    with its bucket's plan (before, every input got bucket 0's N = 64 and the smaller ones
+    stopped with "inputs hold [24] image tokens per sample; the plan is for 64")."""
+    inputs = str(_sized_images(tmp_path))
+    report = run_parity(bucketed(), inputs=inputs, tokens=4, quiet=True)
+    assert report.passed, report.failures
+    assert [r["reference"]["decisions"] for r in report.to_json()["inputs"]] == \
+        [r["artifact"]["decisions"] for r in report.to_json()["inputs"]]
+    kept = [len(r["artifact"]["decisions"]["1"]) for r in report.to_json()["inputs"]]
+    art = OrtArtifact.load(bucketed(), verify=False)
+    assert kept == [art.bucket_plans[k].stages[0].keep for k in (0, 1, 2)]
+    layers = run_layer_parity(bucketed(), inputs=inputs, layers=2, steps=1, quiet=True)
+    assert layers.passed, layers.failures
+
+
+def test_trace_and_its_map_follow_the_bucket_the_image_ran_in(tmp_path: Path, capsys) -> None:
+    """`trace --artifact` of an image in bucket 1 (8 x 12 patches: 4 x 6 merged tokens) reports
+    that bucket's N and keep counts and draws its 4 x 6 grid, not bucket 0's 8 x 8."""
+    from reroute_export.cli import main
+    from reroute_export.viz import grid_for
+
+    inputs = _sized_images(tmp_path)
+    out, png = tmp_path / "t.json", tmp_path / "map.png"
+    code = main(["trace", "--artifact", str(bucketed()), "--image", str(tmp_path / "size1.png"), "--prompt", "What?",
+                 "--max-new-tokens", "2", "--json", str(out), "--map", str(png)])
+    shown = capsys.readouterr().out
+    assert code == 0 and inputs.is_file() and png.is_file()
+    got = json.loads(out.read_text())
+    art = OrtArtifact.load(bucketed(), verify=False)
+    assert got["plan"] == art.bucket_plans[1].to_dict() and got["plan"]["visual_tokens"] == 24
+    assert [len(got["decisions"][str(s.layer)]) for s in art.bucket_plans[1].stages] == \
+        [s.keep for s in art.bucket_plans[1].stages]
+    assert "N=24" in shown
+    assert grid_for(FAMILY, 24, art.bucket_grids[1]) == (4, 6)

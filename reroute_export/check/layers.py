@@ -454,7 +454,7 @@ def run_layer_parity(artifact: Path, model: str | None = None, inputs: str | Non
     first N; None or 0: all). Never raises for drift (see `LayerReport.failures`), only for
     inputs or artifacts it cannot run."""
     from ..preprocess import load_image
-    from ..runtime.eager import EagerRuntime
+    from ..runtime.eager import ArtifactReference
     from ..runtime.ort import OrtArtifact
     from .parity import input_set, reference_model
 
@@ -469,7 +469,7 @@ def run_layer_parity(artifact: Path, model: str | None = None, inputs: str | Non
         raise UserError(f"--layer-steps must be in 0..{limit - 1} for this artifact, got {steps}")
     wanted = range(layers or total)
     loaded, source = reference_model(art, model)
-    reference = EagerRuntime(loaded, art.plan)
+    reference = ArtifactReference(loaded, art)  # per input its image-size bucket's plan
     tol = layer_tolerances(m["family"], m["precision"], overrides)
     report = LayerReport(str(artifact), source, m["precision"], tol, len(wanted), steps)
     taps = ArtifactTaps(art, wanted)

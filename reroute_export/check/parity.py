@@ -90,13 +90,14 @@ def _record(item: ParityInput, judged: Judged) -> dict[str, Any]:
 
 def run_parity(artifact: Path, model: str | None = None, inputs: str | None = None, tokens: int = 16,
                overrides: dict[str, float] | None = None, quiet: bool = False,
-               on_result: Callable[[ParityInput, Any, Any, Any], None] | None = None,
+               on_result: Callable[[ParityInput, Any, Any, Any, Any], None] | None = None,
                runner: Any = None) -> ParityReport:
     """Run the reference and the artifact on every input of the set; never raises for a
-    failed check (see `ParityReport.failures`), only for inputs it cannot run."""
+    failed check (see `ParityReport.failures`), only for inputs it cannot run. `on_result(item,
+    reference trace, artifact trace, artifact, inputs)` is called for each input that ran."""
     from ..preprocess import load_image
     from ..runtime import OrtArtifact
-    from ..runtime.eager import EagerRuntime
+    from ..runtime.eager import ArtifactReference
 
     items = input_set(inputs)
     art = (runner or OrtArtifact).load(Path(artifact))
@@ -108,12 +109,12 @@ def run_parity(artifact: Path, model: str | None = None, inputs: str | None = No
     cases = ((i.name, art.prepare(load_image(i.image), i.prompt).to_torch()) for i in items)
     steps = Steps(len(items), quiet=quiet, title="parity")
     try:
-        verdicts = compare_runtimes(EagerRuntime(loaded, art.plan), art, cases, tokens, tol, errors=(GraphRunError,),
+        verdicts = compare_runtimes(ArtifactReference(loaded, art), art, cases, tokens, tol, errors=(GraphRunError,),
                                     step=lambda name: steps.step(f"{name}: reference vs artifact"))
         for item, judged in zip(items, verdicts):
             report.inputs.append(_record(item, judged))
             if on_result is not None and judged.error is None:
-                on_result(item, judged.reference.trace, judged.candidate.trace, art)
+                on_result(item, judged.reference.trace, judged.candidate.trace, art, judged.inputs)
     finally:
         steps.close()
     return report

@@ -85,6 +85,29 @@ class EagerRuntime(TorchRuntime):
         return TraceResult(decisions, pre.logits[0].tolist(), ids, self.loaded.preprocessor.decode(ids), self.plan)
 
 
+class ArtifactReference(TorchRuntime):
+    """The eager reference for an artifact: each input runs with the plan the artifact runs it
+    with (`art.plan_for`: a Qwen2.5-VL artifact's image-size buckets each have their own N and
+    K_j), so that an image of any size the artifact takes is compared like for like."""
+
+    def __init__(self, loaded: Loaded, art: Any) -> None:
+        super().__init__(loaded, art.plan)
+        self.plan_for = art.plan_for
+        self.per_plan: dict[RoutingPlan, EagerRuntime] = {}
+
+    def runtime_for(self, inputs: Any) -> EagerRuntime:
+        plan = self.plan_for(inputs)
+        if plan not in self.per_plan:
+            self.per_plan[plan] = EagerRuntime(self.loaded, plan)
+        return self.per_plan[plan]
+
+    def bind(self, inputs: Any) -> EagerRun:
+        return self.runtime_for(inputs).bind(inputs)
+
+    def trace(self, inputs: Any, max_new_tokens: int = 16) -> TraceResult:
+        return self.runtime_for(inputs).trace(inputs, max_new_tokens)
+
+
 def _embedded(family: type[Family], embeds: torch.Tensor) -> type[Family]:
     """The family with `embed` answering these precomputed embeddings (B, L, D)."""
 

@@ -293,6 +293,12 @@ class OrtArtifact:
             raise UserError("the image tokens must form one contiguous block")
         return int(slots[0]) if n else 0
 
+    def plan_for(self, inputs: Inputs) -> RoutingPlan:
+        """The routing plan this artifact runs `inputs` with: the plan of the image-size bucket
+        their grid is (N and K_j at that size; `plan` itself for every input of an artifact
+        without buckets). What an eager reference must run to be compared with it."""
+        return self.bucket_plans[self._bucket_of(inputs.image_grid_thw)]
+
     def _bucket_of(self, given: Any) -> int:
         """Qwen2.5-VL: each vision graph is static, so the grid must be one the artifact was
         exported for (its preprocessor resizes every image to the nearest of them)."""
@@ -352,6 +358,7 @@ class OrtArtifact:
             "kv": cache,
             "decisions": [d.reshape(-1).astype(np.int64) for d in decisions],
             "next_position": next_position(feeds[C.POSITION_IDS]),
+            "plan": decoder.plan,  # the input's image-size bucket's (N, K_j)
         }
 
     def prefill(self, inputs: Inputs) -> dict[str, Any]:
@@ -392,8 +399,9 @@ class OrtArtifact:
               on_token: Callable[[int], None] | None = None) -> TraceResult:
         """The eager `trace` contract (decisions, last logits, greedy ids, text, plan)."""
         pre, ids = self.generate(inputs, max_new_tokens, self.manifest.get("eos_token_id"), on_token)
-        decisions = {str(s.layer): d.tolist() for s, d in zip(self.plan.stages, pre["decisions"])}
-        return TraceResult(decisions, pre["logits"].tolist(), ids, self.preprocessor.decode(ids), self.plan)
+        plan = pre["plan"]
+        decisions = {str(s.layer): d.tolist() for s, d in zip(plan.stages, pre["decisions"])}
+        return TraceResult(decisions, pre["logits"].tolist(), ids, self.preprocessor.decode(ids), plan)
 
     # ------------------------------------------------------------ runtime.base.Runtime
 
