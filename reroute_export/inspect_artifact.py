@@ -270,6 +270,23 @@ def _plan_summary(raw: dict[str, Any]) -> dict[str, Any]:
             "avg_visual_tokens": plan.avg_visual_tokens}
 
 
+def _image_sizes(manifest: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A Qwen2.5-VL artifact's image-size buckets: per size its pixels, grid and plan (N, K_j).
+    None for an artifact of one size (LLaVA's 336 px, or Qwen2.5-VL exported without buckets)."""
+    from .plan import RoutingPlan
+
+    buckets = manifest.get("buckets") or []
+    if len(buckets) < 2:
+        return None
+    out = []
+    for k, b in enumerate(buckets):
+        plan = RoutingPlan.from_dict(b["plan"])
+        out.append({"bucket": k, "image_size": b.get("image_size"), "grid": b.get("grid"),
+                    "visual_tokens": plan.visual_tokens, "keep": [s.keep for s in plan.stages],
+                    "avg_visual_tokens": plan.avg_visual_tokens, "max_prompt_tokens": b.get("max_prompt_tokens")})
+    return out
+
+
 def _check_summary(check: dict[str, Any] | None) -> dict[str, Any] | None:
     if not check:
         return None
@@ -324,6 +341,7 @@ def inspect(folder: str | Path, verify: bool = True) -> dict[str, Any]:
         "weights_written": manifest.get("weights_written", "in memory"),
         "shapes": manifest.get("shapes", {}),
         "image_grid_thw": manifest.get("image_grid_thw"),
+        "image_sizes": _image_sizes(manifest),
         "graphs": graphs,
         "weights": {**_weight_totals(graphs, tensors),
                     "embed_tokens_bytes": embed.stat().st_size if embed.is_file() else None},
@@ -431,6 +449,18 @@ def _graphs_lines(r: dict[str, Any]) -> list[str]:
 _KV_WRITER = {True: "the graphs write each step into the buffers, in place", False: "the host writes the new rows"}
 
 
+def _sizes_lines(sizes: list[dict[str, Any]] | None) -> list[str]:
+    if not sizes:
+        return []
+    rows = [[str(b["bucket"]), "x".join(map(str, b["image_size"] or [])) or "?", "x".join(map(str, b["grid"] or [])),
+             str(b["visual_tokens"]), "/".join(map(str, b["keep"])), f"{b['avg_visual_tokens']:.2f}",
+             str(b["max_prompt_tokens"])] for b in sizes]
+    return [f"image sizes: {len(sizes)} (each image is resized to the nearest; vision and routing graphs per size, "
+            "segments and heads shared)",
+            _table(rows, ["bucket", "pixels HxW", "grid", "N", "K per decision", "avg/layer", "prompt <="],
+                   right=(0, 3, 5, 6))]
+
+
 def _kv_lines(kv: dict[str, Any] | None) -> list[str]:
     if not kv:
         return []
@@ -460,6 +490,7 @@ def format_report(r: dict[str, Any]) -> str:
                    f"hidden {sh.get('hidden_size')}, {sh.get('num_layers')} layers x {sh.get('num_kv_heads')} KV heads "
                    f"x head dim {sh.get('head_dim')}, vocab {sh.get('vocab_size')}"
                    + (f", image grid {r['image_grid_thw']}" if r.get("image_grid_thw") else ""))
+    out += _sizes_lines(r.get("image_sizes"))
     out += _graphs_lines(r)
     out += _kv_lines(r.get("kv_buffers"))
     out.append("graph I/O:")

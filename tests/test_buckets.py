@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import sample_inputs, shared_export, tiny
+from conftest import sample_inputs, shared_export, tiny, tiny_artifact
 from reroute_export import contract as C
 from reroute_export.check.layers import run_layer_parity
 from reroute_export.check.parity import run_parity
@@ -136,3 +136,19 @@ def test_trace_and_its_map_follow_the_bucket_the_image_ran_in(tmp_path: Path, ca
         [s.keep for s in art.bucket_plans[1].stages]
     assert "N=24" in shown
     assert grid_for(FAMILY, 24, art.bucket_grids[1]) == (4, 6)
+
+
+def test_inspect_lists_the_image_sizes_an_artifact_takes() -> None:
+    from reroute_export.inspect_artifact import format_report, inspect
+
+    report = inspect(bucketed(), verify=False)
+    buckets = read_manifest(bucketed())["buckets"]
+    assert [(b["image_size"], b["grid"], b["visual_tokens"], b["keep"]) for b in report["image_sizes"]] == \
+        [([224, 224], [1, 16, 16], 64, [s["keep"] for s in buckets[0]["plan"]["stages"]]),
+         ([112, 168], [1, 8, 12], 24, [s["keep"] for s in buckets[1]["plan"]["stages"]]),
+         ([168, 112], [1, 12, 8], 24, [s["keep"] for s in buckets[2]["plan"]["stages"]])]
+    text = format_report(report)
+    assert "image sizes: 3 " in text
+    assert any(line.split()[:4] == ["1", "112x168", "1x8x12", "24"] for line in text.splitlines())
+    single = inspect(tiny_artifact(FAMILY), verify=False)  # one image size
+    assert single["image_sizes"] is None and "image sizes" not in format_report(single)
