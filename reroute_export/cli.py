@@ -500,19 +500,29 @@ def parity_map(item: Any, ref: Any, got: Any, art: Any, inputs: Any, markdown_pa
 def cmd_lint(args: argparse.Namespace) -> int:
     from .check.lint import lint
 
-    report = lint(Path(args.target), args.trt_version, polygraphy=args.polygraphy)
+    quiet = args.quiet or args.json == "-"
+    report = lint(Path(args.target), args.trt_version, polygraphy=args.polygraphy, quiet=quiet)
     if args.json:
         write_json(args.json, report)
-    if not args.quiet and args.json != "-":
+    if not quiet:
         if report["findings"]:
             print(table(report["findings"], ["severity", "graph", "node", "op", "message"]))
         for name, poly in report["polygraphy"].items():
-            status = poly["reason"] if not poly["ran"] else f"exit {poly['returncode']}"
-            print(f"polygraphy check lint {name}: {status}")
+            print(f"polygraphy check lint {name}: {polygraphy_status(poly)}")
+            if poly["ran"] and poly["returncode"] != 0:
+                print("    " + "\n    ".join(poly["output"].strip().splitlines()[-6:]))
         verdict = "passed" if report["passed"] else "FAILED"
         print(f"lint for TensorRT {report['trt_version']}: {verdict} "
               f"({report['errors']} errors, {report['warnings']} warnings)")
     return 0 if report["passed"] else 1
+
+
+def polygraphy_status(poly: dict[str, Any]) -> str:
+    if not poly["ran"]:
+        return poly["reason"]
+    if not poly["judged"]:
+        return f"exit {poly['returncode']} (shapes unknown: every dynamic axis fed 1; reported, not judged)"
+    return f"exit {poly['returncode']}" + (" at the artifact's shapes" if poly["input_shapes"] else "")
 
 
 # ---------------------------------------------------------------- parser

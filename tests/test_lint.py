@@ -134,7 +134,38 @@ def test_blocked_int4_dequantize_needs_opset_21() -> None:
 
 def test_polygraphy_runs_only_when_asked(tmp_path, capsys, monkeypatch) -> None:
     """`--polygraphy` runs polygraphy's own `check lint` (the test extra installs it with ModelOpt)
-    and reports its exit code; without it, nothing is started."""
+    and reports its exit code; without it, nothing is started. A bare file's shapes are
+    unknown: its run is reported, not judged."""
+    _with_polygraphy(monkeypatch)
+    good = graph([helper.make_node("Relu", ["x"], ["y"], name="r")], [X], [Y])
+    onnx.save(good, tmp_path / "good.onnx")
+    assert lint(tmp_path / "good.onnx")["polygraphy"] == {}
+    assert main(["lint", str(tmp_path / "good.onnx"), "--polygraphy"]) == 0
+    assert "polygraphy check lint good.onnx: exit 0 (shapes unknown" in capsys.readouterr().out
+
+
+def test_a_local_function_on_another_opset_than_its_model_is_an_error() -> None:
+    """ONNX's checker refuses a graph whose local function imports another version of a domain
+    than the model (the kv-scatter export once raised its routing graphs to opset 24 and left
+    their SelectVisual/RouteGather functions at 18)."""
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    fn = helper.make_function("reroute", "Twice", ["a"], ["b"],
+                              [helper.make_node("Constant", [], ["c"], value=two), helper.make_node("Mul", ["a", "c"], ["b"])],
+                              [helper.make_opsetid("", 18)])
+    node = helper.make_node("Twice", ["x"], ["y"], domain="reroute", name="twice")
+    for model_opset, bad in ((18, False), (24, True)):
+        m = graph([node], [X], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5000])], functions=[fn],
+                  opset=model_opset, ir=10,
+                  extra_opsets=[helper.make_opsetid("reroute", 1)])
+        found = [f for f in lint_model(m, "crafted.onnx", "11") if f.severity == "error"]
+        assert bool(found) == bad, found
+        if bad:
+            assert found[0].op == "reroute.Twice" and "opset 18, the model 24, and Constant differ" in found[0].message
+            with pytest.raises(onnx.checker.ValidationError, match="not compatible"):
+                onnx.checker.check_model(m)
+
+
+def _with_polygraphy(monkeypatch) -> None:
     import os
     import shutil
     import sys
@@ -142,8 +173,27 @@ def test_polygraphy_runs_only_when_asked(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if shutil.which("polygraphy") is None:
         pytest.skip("polygraphy is not installed (pip install polygraphy)")
-    good = graph([helper.make_node("Relu", ["x"], ["y"], name="r")], [X], [Y])
-    onnx.save(good, tmp_path / "good.onnx")
-    assert lint(tmp_path / "good.onnx")["polygraphy"] == {}
-    assert main(["lint", str(tmp_path / "good.onnx"), "--polygraphy"]) == 0
-    assert "polygraphy check lint good.onnx: exit 0" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_polygraphy_runs_each_artifact_graph_at_the_artifacts_shapes(capsys, monkeypatch) -> None:
+    """In an artifact folder, polygraphy gets each dynamic input's shape from the TensorRT build
+    plan's profiles (the routing graphs' scored rows): every graph of the tiny artifact passes
+    it, and its verdict counts. Fed polygraphy's own default (1 for each dynamic axis) a
+    routing graph fails, which is why the shapes are given."""
+    from conftest import tiny_artifact
+    from reroute_export.check.lint import artifact_shapes, polygraphy_lint
+
+    _with_polygraphy(monkeypatch)
+    art = tiny_artifact("llava")
+    manifest = json.loads((art / C.MANIFEST).read_text())
+    shapes = artifact_shapes(art)
+    assert set(shapes) == set(manifest["graphs"].values())
+    route = manifest["graphs"][C.route(0)]
+    n = manifest["plan"]["visual_tokens"]
+    assert shapes[route][C.HIDDEN][1] > n and shapes[manifest["graphs"][C.vision()]] == {}
+    assert polygraphy_lint(art / route)["returncode"] != 0  # polygraphy's default shapes
+    assert main(["lint", str(art), "--polygraphy"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("exit 0 at the artifact's shapes") == len(shapes) - 1  # all but the static vision graph
+    assert "polygraphy check lint vision.onnx: exit 0" in out

@@ -102,6 +102,35 @@ def _check_model_header(model: onnx.ModelProto, graph: str, v: dict[str, Any], t
     if model.ir_version > v["max_ir_version"]:
         out.append(Finding("error", graph, "-", "-",
                            f"IR version {model.ir_version} > {v['max_ir_version']} that TensorRT {trt} reads"))
+    return out + _function_opsets(model, graph)
+
+
+def _since(op: str, version: int, domain: str) -> int | None:
+    try:
+        return onnx.defs.get_schema(op, version, domain).since_version
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _function_opsets(model: onnx.ModelProto, graph: str) -> list[Finding]:
+    """A local function importing another version of a domain than its model: onnx.checker
+    refuses the graph where one of the function's ops means another version under the two
+    (opset 18 vs 24: Constant, Cast, Shape, ...), and so does everything that checks first."""
+    domain = lambda d: "" if d == "ai.onnx" else d  # noqa: E731
+    model_opsets = {domain(o.domain): o.version for o in model.opset_import}
+    out = []
+    for f in model.functions:
+        for o in f.opset_import:
+            d, theirs = domain(o.domain), model_opsets.get(domain(o.domain))
+            if theirs is None or theirs == o.version:
+                continue
+            differ = sorted({n.op_type for n in f.node if domain(n.domain) == d
+                             and _since(n.op_type, o.version, d) != _since(n.op_type, theirs, d)})
+            if differ:
+                out.append(Finding("error", graph, "-", f"{f.domain}.{f.name}",
+                                   f"local function imports {d or 'ai.onnx'} opset {o.version}, the model {theirs}, "
+                                   f"and {', '.join(differ)} differ between them: onnx.checker refuses the graph "
+                                   "(re-export it)"))
     return out
 
 
@@ -232,33 +261,73 @@ def onnx_files(target: Path) -> list[Path]:
     return [target]
 
 
-def polygraphy_lint(path: Path) -> dict[str, Any]:
-    """Polygraphy's own `check lint`, when installed (it needs onnxruntime too).
+def polygraphy_lint(path: Path, shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Polygraphy's own `check lint`, when installed (it needs onnxruntime too): it runs the
+    graph in ONNX Runtime on random inputs and reports what fails.
 
     Asked for (`lint --polygraphy`), not run by default: it starts a process and an ONNX
-    Runtime session per graph (~5 s each, 71 s for the tiny artifact's 14 graphs), and it
-    feeds every dynamic axis a length of 1, so a routing graph (route.j: N visual tokens
-    among the scored rows) fails it with an out-of-range index that real inputs never
-    give. Its exit code is reported, not judged."""
+    Runtime session per graph (a few seconds each). `shapes` gives each dynamic input a real
+    shape; without them polygraphy feeds every dynamic axis a length of 1, which no routing
+    graph takes (route.j routes N visual tokens among the scored rows: an index out of range)."""
     exe = shutil.which("polygraphy")
     if exe is None:
         return {"ran": False, "reason": "polygraphy is not installed (pip install polygraphy)"}
-    res = subprocess.run([exe, "check", "lint", str(path)], capture_output=True, text=True, timeout=600)
-    return {"ran": True, "returncode": res.returncode, "output": (res.stdout + res.stderr)[-4000:]}
+    cmd = [exe, "check", "lint", str(path)]
+    if shapes:
+        cmd += ["--input-shapes", *(f"{name}:[{','.join(map(str, dims))}]" for name, dims in shapes.items())]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return {"ran": True, "returncode": res.returncode, "input_shapes": shapes or None,
+            "output": (res.stdout + res.stderr)[-4000:]}
 
 
-def lint(target: Path, trt_version: str = "10.3", polygraphy: bool = False) -> dict[str, Any]:
-    findings, poly = [], {}
-    for path in onnx_files(target):
+def artifact_shapes(target: Path) -> dict[str, dict[str, list[int]]]:
+    """Per graph file of an artifact folder: each dynamic input's shape at the opt point of the
+    graph's last TensorRT optimization profile (build/trt.py: the prompt's rows for segments and
+    heads, the scored rows for routing graphs), so polygraphy runs the shapes the runtime runs;
+    {} for a static graph. A file whose shapes are unknown (a bare .onnx file, a graph the
+    build plan does not describe) is left out."""
+    from ..build.trt import graph_inputs, graph_profiles
+    from ..export.artifact import read_manifest
+
+    if not target.is_dir():
+        return {}
+    manifest = read_manifest(target, verify=False)  # onnx_files verified it
+    out = {}
+    for role, name in manifest.get("graphs", {}).items():
+        model = onnx.load(str(target / name), load_external_data=False)
         try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"{path} is not a readable ONNX file: {e}") from None
-        findings += lint_model(model, path.name, trt_version)
-        if polygraphy:
-            poly[path.name] = polygraphy_lint(path)
+            profiles = graph_profiles(role, manifest, graph_inputs(model), name, model)
+        except UserError:
+            continue
+        out[name] = {inp: list(opt) for inp, (_, opt, _) in profiles[-1].shapes.items()} if profiles else {}
+    return out
+
+
+def lint(target: Path, trt_version: str = "10.3", polygraphy: bool = False, quiet: bool = True) -> dict[str, Any]:
+    """Every graph of `target` (an artifact folder or one .onnx file) against the support table;
+    with `polygraphy`, also polygraphy's `check lint` on each, which fails the lint when it fails
+    a graph run at the artifact's own shapes (a bare file's run is reported, not judged)."""
+    from ..progress import Steps
+
+    findings, poly = [], {}
+    files = onnx_files(target)
+    shapes = artifact_shapes(target) if polygraphy else {}
+    steps = Steps(len(files), quiet=quiet or not polygraphy, title="lint")
+    try:
+        for path in files:
+            with steps.step(f"{path.name}: {'polygraphy check lint' if polygraphy else 'lint'}"):
+                try:
+                    model = onnx.load(str(path), load_external_data=False)
+                except Exception as e:  # noqa: BLE001
+                    raise UserError(f"{path} is not a readable ONNX file: {e}") from None
+                findings += lint_model(model, path.name, trt_version)
+                if polygraphy:
+                    poly[path.name] = {**polygraphy_lint(path, shapes.get(path.name)), "judged": path.name in shapes}
+    finally:
+        steps.close()
     errors = [f for f in findings if f.severity == "error"]
-    return {"target": str(target), "trt_version": trt_version, "passed": not errors,
+    poly_failed = sorted(n for n, r in poly.items() if r["judged"] and r["ran"] and r["returncode"] != 0)
+    return {"target": str(target), "trt_version": trt_version, "passed": not errors and not poly_failed,
             "errors": len(errors), "warnings": len(findings) - len(errors),
-            "findings": [asdict(f) for f in findings], "polygraphy": poly,
+            "findings": [asdict(f) for f in findings], "polygraphy": poly, "polygraphy_failed": poly_failed,
             "table_source": support_table()["source"]}

@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .. import contract as C
+from .onnx_ops import raise_opset
 
 MSFT = "com.microsoft"
 
@@ -177,9 +178,7 @@ def lower(model: onnx.ModelProto, form: str) -> onnx.ModelProto:
         nodes += _LOWER[form](n) if n.op_type in _FUSED and n.domain == "reroute" else [n]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, spec.opset)
+    raise_opset(model, spec.opset)  # the routing graphs' local functions too
     have = {o.domain for o in model.opset_import}
     model.opset_import.extend(helper.make_opsetid(d, v) for d, v in spec.domains if d not in have)
     model.ir_version = max(model.ir_version, spec.ir_version)

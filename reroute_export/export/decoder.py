@@ -67,7 +67,9 @@ def save(model: "onnx.ModelProto | StreamedGraph", path: Path) -> None:
     External data, not weights inside the proto: ONNX Runtime maps the file and, once a
     MatMul has pre-packed its weight, holds the packed copy alone, where a weight parsed from
     the proto stays in memory beside its packed copy (1.1x instead of 1.8x the weights per
-    session, measured in BENCHMARKS.md); it also keeps every graph under protobuf's 2 GB."""
+    session, measured in BENCHMARKS.md); it also keeps every graph under protobuf's 2 GB.
+    Each written graph passes onnx.checker (by path: external data and 2 GB+ graphs included;
+    a streamed graph is checked with its weights read back, export/stream.check_streamed)."""
     if isinstance(model, StreamedGraph):
         model.write(Path(path), finish)
         return
@@ -77,6 +79,10 @@ def save(model: "onnx.ModelProto | StreamedGraph", path: Path) -> None:
                         location=path.name + ".data", size_threshold=EXTERNAL_ABOVE)
     else:
         onnx.save_model(model, path)
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:  # an exporter bug, never the user's input
+        raise RuntimeError(f"the exported {path.name} fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
 
 
 def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, output_names,

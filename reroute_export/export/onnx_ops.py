@@ -152,6 +152,17 @@ def translations() -> dict:
     }
 
 
+def raise_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the model's default-domain opset to `version`, and its local functions' with it:
+    ONNX's checker (and so polygraphy) refuses a function that imports another version of a
+    domain than its model does. The functions' standard ops (Gather, TopK, Cast, Shape, ...)
+    mean the same from opset 18 to 24: later versions add types and defaulted attributes."""
+    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
+        for o in imports:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, version)
+
+
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     """Add the local function of every `reroute` op the graph uses (once each)."""
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}

@@ -52,10 +52,9 @@ CHUNK_ELEMENTS = 1 << 22  # weight elements quantized at once (16 MiB of fp32)
 
 def raise_to_qdq_opset(model: onnx.ModelProto) -> None:
     """Opset 21 / IR 10 (INT4 tensors and blocked DequantizeLinear), the model's functions too."""
-    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
-        for o in imports:
-            if o.domain in ("", "ai.onnx"):
-                o.version = max(o.version, QDQ_OPSET)
+    from ..export.onnx_ops import raise_opset  # here: onnxscript loads at import
+
+    raise_opset(model, QDQ_OPSET)
     model.ir_version = max(model.ir_version, QDQ_IR)
 
 

@@ -20,15 +20,6 @@ def _fp8_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
                                    raw=True)
 
 
-def _set_opset(model: onnx.ModelProto, version: int) -> None:
-    """Opset 18 -> 19 changes nothing the exported graphs rely on (19 adds types and
-    attributes with defaults); local function bodies declare the same version."""
-    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
-        for o in imports:
-            if o.domain in ("", "ai.onnx"):
-                o.version = max(o.version, version)
-
-
 def int8_qdq_to_fp8(qmodel: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite symmetric int8 Q/DQ into FLOAT8E4M3FN Q/DQ with scale = amax / 448.
 
@@ -36,6 +27,8 @@ def int8_qdq_to_fp8(qmodel: onnx.ModelProto, source: onnx.ModelProto) -> onnx.Mo
     the fp32 initializer of `source`, amax per channel along the DequantizeLinear axis.
     """
     from onnx import numpy_helper
+
+    from ..export.onnx_ops import raise_opset  # here: onnxscript loads at import
 
     g = qmodel.graph
     inits = {t.name: t for t in g.initializer}
@@ -81,6 +74,6 @@ def int8_qdq_to_fp8(qmodel: onnx.ModelProto, source: onnx.ModelProto) -> onnx.Mo
     keep = [v for v in g.value_info if v.name not in stale]
     del g.value_info[:]
     g.value_info.extend(keep)
-    _set_opset(qmodel, FP8_OPSET)
+    raise_opset(qmodel, FP8_OPSET)  # 18 -> 19 adds types and defaulted attributes only
     qmodel.ir_version = FP8_IR
     return qmodel
