@@ -9,6 +9,7 @@ target); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM; 129 SIGHUP), cleaned
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -112,19 +113,27 @@ def plan_from_args(spec: Any, args: argparse.Namespace):
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .spec import known_specs
-    from .registry import parameter_count
+    from .registry import checkpoint_folder, parameter_count
 
-    # parameters: the architecture built on the meta device (a checkpoint's from its published config)
+    # parameters: the architecture built on the meta device (a checkpoint's from its published config);
+    # local_folder: where the checkpoint was found offline (the local HF cache), None when it was not
     models = [{"name": s.name, "family": s.family, "checkpoint": s.checkpoint, "layers": s.text.num_layers,
-               "visual_tokens": s.vision.visual_tokens, "parameters": parameter_count(s)}
+               "visual_tokens": s.vision.visual_tokens, "parameters": parameter_count(s),
+               "local_folder": str(checkpoint_folder(s.name) or "") or None if s.checkpoint else None}
               for s in known_specs().values()]
     if args.json:
         write_json(args.json, {"models": models})
     if not args.quiet and args.json != "-":
         rows = [{"model": m["name"], "family": m["family"], "layers": m["layers"],
                  "visual tokens": m["visual_tokens"], "params": f"{m['parameters']:,}",
-                 "checkpoint": m["checkpoint"] or "built in code"} for m in models]
-        print(table(rows, ["model", "family", "layers", "visual tokens", "params", "checkpoint"]))
+                 "checkpoint": m["checkpoint"] or "built in code",
+                 "here": "-" if not m["checkpoint"] else "in HF cache" if m["local_folder"] else "not found"}
+                for m in models]
+        print(table(rows, ["model", "family", "layers", "visual tokens", "params", "checkpoint", "here"]))
+        if any(m["checkpoint"] and not m["local_folder"] for m in models):
+            print("a checkpoint not found here: download it on a connected machine (huggingface-cli download NAME) "
+                  "and copy it into the HF cache (HF_HOME), or pass --model /path/to/folder; "
+                  "--random-weights runs any of them without one")
     return 0
 
 
@@ -711,6 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reroute-export: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`... --json - | head`): stop quietly, as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 128 + 13
 
 
 if __name__ == "__main__":

@@ -142,3 +142,41 @@ def test_an_export_without_output_writes_a_folder_named_from_the_job(argv, folde
 def test_console_script_version() -> None:
     out = subprocess.run([sys.executable, "-m", "reroute_export", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("reroute-export ")
+
+
+def _cli_process(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    import os
+
+    return subprocess.Popen([sys.executable, "-m", "reroute_export", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_models_says_which_checkpoints_are_here(tmp_path) -> None:
+    """`models` looks each checkpoint up in the local HF cache (offline, as `load` does): one
+    laid out the way huggingface_hub caches it is found, the others are "not found" with one
+    line saying how to provide them; built-in models need none."""
+    hub = tmp_path / "hub"
+    repo = hub / "models--llava-hf--llava-1.5-7b-hf"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    out, err = _cli_process("models", "--json", "-", env=env).communicate(timeout=300)
+    listed = {m["name"]: m for m in json.loads(out)["models"]}
+    assert listed["llava-1.5-7b"]["local_folder"] == str(snapshot)
+    assert listed["qwen2.5-vl-3b"]["local_folder"] is None and listed["tiny-llava"]["local_folder"] is None
+    out, err = _cli_process("models", env=env).communicate(timeout=300)
+    rows = {line.split()[0]: line.split()[-1] for line in out.splitlines() if line.strip()[:1].isalnum()}
+    assert rows["llava-1.5-7b"] == "cache" and rows["qwen2.5-vl-7b"] == "found" and rows["tiny-llava"] == "-"
+    assert "--random-weights runs any of them without one" in out and not err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+    """`reroute-export models --json - | head -1`: the closed pipe stops the command with the
+    SIGPIPE status (141) and no traceback."""
+    proc = _cli_process("models", "--json", "-")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141 and err == ""

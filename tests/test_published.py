@@ -109,7 +109,7 @@ def test_models_json_lists_family_checkpoint_and_parameter_count(tmp_path, capsy
         assert listed[name]["parameters"] == count and listed[name]["checkpoint"] == known_specs()[name].checkpoint
     tiny_llava = listed["tiny-llava"]
     assert tiny_llava == {"name": "tiny-llava", "family": "llava", "checkpoint": None, "layers": 8,
-                          "visual_tokens": 64, "parameters": tiny_llava["parameters"]}
+                          "visual_tokens": 64, "parameters": tiny_llava["parameters"], "local_folder": None}
     built, _ = registry.build(known_specs()["tiny-llava"])  # a built-in model's count is the one it builds
     assert tiny_llava["parameters"] == sum(p.numel() for p in built.parameters())
     # a file, and the table (with its params column) on stdout
