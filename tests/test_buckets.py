@@ -152,3 +152,17 @@ def test_inspect_lists_the_image_sizes_an_artifact_takes() -> None:
     assert any(line.split()[:4] == ["1", "112x168", "1x8x12", "24"] for line in text.splitlines())
     single = inspect(tiny_artifact(FAMILY), verify=False)  # one image size
     assert single["image_sizes"] is None and "image sizes" not in format_report(single)
+
+
+def test_an_image_sizes_vision_graph_loads_when_an_image_of_that_size_comes() -> None:
+    """Each extra size's vision graph holds a copy of the vision weights: loading the artifact
+    makes no session for them, an image in bucket 1 makes bucket 1's alone."""
+    art = OrtArtifact.load(bucketed(), verify=False)
+    extra = [C.vision(1), C.vision(2)]
+    assert [art.graphs[r].made for r in extra] == [False, False]
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 150, 3), dtype=np.uint8))  # H x W
+    inputs = art.prepare(image, "What is in the picture?")
+    assert art.plan_for(inputs) == art.bucket_plans[1]
+    art.trace(inputs, 2)
+    assert [art.graphs[r].made for r in extra] == [True, False]
+    assert art.graphs[C.vision(1)].input_types == {C.PIXEL_VALUES: np.float32}

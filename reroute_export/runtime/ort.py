@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -30,7 +31,7 @@ from ..inputs import ArrayInputs
 from ..plan import RoutingPlan
 from ..families import get_family
 from ..results import TraceResult
-from .base import State
+from .base import OnFirstUse, State
 from .segmented import Cache, Decoder, Layout
 from .positions import next_position
 from .processor import ArtifactProcessor
@@ -50,6 +51,11 @@ _ELEMENT_TYPES = {
 }
 MANIFEST_KEYS = ("family", "plan", "shapes", "image_token_id")
 BUCKET = "bucket"  # prefill_feeds' host-side entry: the image-size bucket the input runs in
+
+
+def is_extra_vision(role: str) -> bool:
+    """vision.b1, vision.b2, ...: the vision graphs of an artifact's extra image sizes."""
+    return role.startswith(C.vision() + ".")
 
 
 def _route_role(bucket: int):
@@ -244,7 +250,12 @@ class OrtArtifact:
         if "decoder" not in manifest or C.segment(0) not in manifest.get("graphs", {}):
             raise UserError(f"artifact {folder} has no segment graphs (an earlier layout); re-export it")
         providers = providers or default_providers()
-        graphs = {role: Graph(folder / name, providers, fp16=_fp16_on_load(manifest, role))
+
+        def graph(role: str, name: str) -> Graph:
+            return Graph(folder / name, providers, fp16=_fp16_on_load(manifest, role))
+
+        # an extra image size's vision graph (its own copy of the vision weights) loads when first used
+        graphs = {role: OnFirstUse(partial(graph, role, name)) if is_extra_vision(role) else graph(role, name)
                   for role, name in manifest["graphs"].items()}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])

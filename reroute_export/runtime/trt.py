@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ import numpy as np
 from ..errors import UserError
 from .. import contract as C
 from ..export.artifact import read_manifest
-from .ort import MANIFEST_KEYS, OrtArtifact
+from .base import OnFirstUse
+from .ort import MANIFEST_KEYS, OrtArtifact, is_extra_vision
 from .processor import ArtifactProcessor
 from .segmented import Arrays, Decoder
 
@@ -274,8 +276,12 @@ class TrtArtifact(OrtArtifact):
         runtime = trt.Runtime(logger)
         stream = torch.cuda.Stream()
         kv = (KV_PREFIX, PRESENT_PREFIX) if device_kv else ()
-        graphs = {r: TrtGraph(folder / files[r], runtime, trt, torch, stream, kv if r.startswith("segment") else ())
-                  for r in roles}
+
+        def graph(role: str) -> TrtGraph:
+            return TrtGraph(folder / files[role], runtime, trt, torch, stream, kv if role.startswith("segment") else ())
+
+        # an extra image size's vision engine (its own copy of the vision weights) loads when first used
+        graphs = {r: OnFirstUse(partial(graph, r)) if is_extra_vision(r) else graph(r) for r in roles}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
         arrays = DeviceArrays(torch, graphs[C.segment(0)].device) if device_kv else None
