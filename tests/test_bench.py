@@ -233,3 +233,20 @@ def test_memory_breakdown_script_reports_each_phase(tmp_path) -> None:
     bad = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr
+
+
+def test_a_bench_where_every_backend_is_skipped_fails_in_one_line(tmp_path: Path, capsys) -> None:
+    """`bench --backends tensorrt` without TensorRT: the table still shows the planner's figures
+    and why each record was skipped, and the command exits 2 (a CI job must not read nothing
+    measured as a pass)."""
+    from reroute_export.build.trt import tensorrt_status
+    from reroute_export.cli import main
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT and a GPU are here: the tensorrt backend runs")
+    out = tmp_path / "b.json"
+    code = main(["bench", "--model", MODEL, "--budget", str(BUDGET), "--methods", "reroute", "--backends", "tensorrt",
+                 "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "bench measured nothing: every backend was skipped (TensorRT not installed)" in err
+    assert json.loads(out.read_text())["records"][0]["status"] == "skipped: TensorRT not installed"

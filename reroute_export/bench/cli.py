@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import UserError
 from ..plan import METHODS
 from ..runtime import BACKENDS
 from .config import DEFAULT_BACKENDS, DEFAULT_METHODS, DEFAULT_PRECISIONS, DTYPES, PRECISIONS, QUANTIZE
@@ -91,4 +92,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(table(rows(records), COLUMNS))
         for line in summary_lines(payload["summary"]):
             print(line)
+    if not any(r.get("status") == "ok" for r in records):  # a CI job must not read "nothing" as a pass
+        why = sorted({r.get("status", "skipped").removeprefix("skipped: ") for r in records})
+        raise UserError(f"bench measured nothing: every backend was skipped ({'; '.join(why)})")
     return 0
