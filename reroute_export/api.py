@@ -169,21 +169,23 @@ def export(
     """
     from .pipeline import export_artifact
     from .plan import make_plan
+    from .progress import loading_bars
     from .trace import for_inputs
 
     _refuse_early(output, force, target, precision, method, device, attention)  # before minutes of loading
-    loaded = _load_for_export(model, precision, random_weights, stream_weights, log or _silent)
-    sample = _export_sample(loaded, image, prompt, inputs)
-    loaded = for_inputs(loaded, sample)  # N and the Qwen grid from the sample, not a default
-    routing = make_plan(loaded.spec, method, budget=budget, schedule=schedule, drop_layers=drop_layers,
-                        keep_ratios=keep_ratios, keep=keep)
-    opts = _options(loaded, precision, fp32_layers, max_prompt_tokens, max_new_tokens, inline_functions, force,
-                    check, progress, target, device, plugin_lib, image_buckets, attention)
-    prompt_tokens = int(sample.input_ids.shape[1])
-    if max_prompt_tokens is not None and max_prompt_tokens < prompt_tokens:
-        raise UserError(f"--max-prompt-tokens {max_prompt_tokens} is shorter than the sample prompt "
-                        f"({prompt_tokens} tokens)")
-    return export_artifact(loaded, routing, sample, Path(output), opts)
+    with loading_bars(progress):  # transformers' "Loading weights" bar: only when progress is asked for
+        loaded = _load_for_export(model, precision, random_weights, stream_weights, log or _silent)
+        sample = _export_sample(loaded, image, prompt, inputs)
+        loaded = for_inputs(loaded, sample)  # N and the Qwen grid from the sample, not a default
+        routing = make_plan(loaded.spec, method, budget=budget, schedule=schedule, drop_layers=drop_layers,
+                            keep_ratios=keep_ratios, keep=keep)
+        opts = _options(loaded, precision, fp32_layers, max_prompt_tokens, max_new_tokens, inline_functions, force,
+                        check, progress, target, device, plugin_lib, image_buckets, attention)
+        prompt_tokens = int(sample.input_ids.shape[1])
+        if max_prompt_tokens is not None and max_prompt_tokens < prompt_tokens:
+            raise UserError(f"--max-prompt-tokens {max_prompt_tokens} is shorter than the sample prompt "
+                            f"({prompt_tokens} tokens)")
+        return export_artifact(loaded, routing, sample, Path(output), opts)
 
 
 def _silent(message: str) -> None:

@@ -675,8 +675,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from .full_install import run_command
+    from .progress import loading_bars
 
-    return run_command(func, args)  # a torch-needing command on a runtime install: one line
+    with loading_bars(not getattr(args, "quiet", False) and getattr(args, "json", None) != "-"):
+        return run_command(func, args)  # a torch-needing command on a runtime install: one line
 
 
 class Terminated(KeyboardInterrupt):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator
 
 
@@ -46,3 +47,22 @@ class Steps:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+_LOADING_BARS: ContextVar[bool] = ContextVar("loading_bars", default=False)
+
+
+@contextmanager
+def loading_bars(show: bool) -> Iterator[None]:
+    """Whether, inside the block, transformers' own "Loading weights" bar shows while a
+    checkpoint loads: the CLI shows it unless --quiet (a 7B checkpoint loads for minutes), the
+    library only with progress=True (it prints nothing unless asked)."""
+    token = _LOADING_BARS.set(show)
+    try:
+        yield
+    finally:
+        _LOADING_BARS.reset(token)
+
+
+def loading_bars_shown() -> bool:
+    return _LOADING_BARS.get()

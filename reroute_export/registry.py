@@ -10,11 +10,13 @@ by their family's builder (`build`, `build_random`).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import MissingCheckpoint, UserError
+from .progress import loading_bars_shown
 from .families import family_for_architecture, get_family
 from .spec import GraphSpec, TextSpec, VisionSpec, known_specs, load_spec
 
@@ -217,9 +219,23 @@ def _load_folder(folder: Path, dtype: "torch.dtype", name: str | None = None,
             model = cls._from_config(cls.config_class.from_pretrained(folder), dtype=dtype).eval()
     else:
         check_fits(folder, dtype.itemsize, str(dtype).removeprefix("torch."))  # one line, not a silent OOM kill
-        model = cls.from_pretrained(folder, dtype=dtype).eval()
+        with _transformers_bars(loading_bars_shown()):
+            model = cls.from_pretrained(folder, dtype=dtype).eval()
     spec = _spec_for_config(name or folder.name, family, model.config, pre.visual_tokens)
     return Loaded(spec, family, model, pre, checkpoint=folder.resolve())
+
+
+@contextmanager
+def _transformers_bars(show: bool) -> Iterator[None]:
+    """transformers' progress bars on or off inside the block (a global switch there: restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 # ---------------------------------------------------------------- built-in-code models

@@ -317,3 +317,18 @@ def test_streaming_a_bin_checkpoint_is_refused(built, tmp_path: Path, capsys) ->
                  str(tmp_path / "art")]) == 2
     assert "needs *.safetensors files" in error_line(capsys)
     assert not (tmp_path / "art").exists()
+
+
+def test_transformers_loading_bar_shows_in_the_cli_unless_quiet_and_never_from_the_library(built, capsys) -> None:
+    """A checkpoint load draws transformers' "Loading weights" bar on stderr: the CLI lets it
+    show (minutes for a 7B), --quiet and the library (which prints nothing unless asked) do not."""
+    from reroute_export import registry
+
+    folder = built[next(iter(CASES))].folder
+    args = ["trace", "--model", str(folder), *PLAN, "--image", str(IMAGE), "--prompt", PROMPT, "--max-new-tokens", "1"]
+    assert main(args) == 0
+    assert "Loading weights" in capsys.readouterr().err
+    assert main([*args, "--quiet"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    registry.load(str(folder))
+    assert capsys.readouterr().err == ""
