@@ -175,7 +175,7 @@ def _quantize_graph(src: Path, dst: Path, role: str, store: FeedStore, rec: Reci
     q = onnx.load(staged)
     rewired = restore_float_consumers(q, nodes) if rec.library == "onnxruntime" else 0
     if rec.precision == "fp8" and rec.library == "onnxruntime":
-        q = int8_qdq_to_fp8(q, model)
+        q = int8_qdq_to_fp8(q, onnx.load(src))  # the fp32 weights: saving `model` above moved its own out
     else:  # the lowest IR that carries the graph's opset (ModelOpt writes IR 10)
         opset = next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
         q.ir_version = min(q.ir_version, C.IR_VERSION if opset <= C.OPSET else FP8_IR)
