@@ -521,8 +521,10 @@ def cmd_lint(args: argparse.Namespace) -> int:
             if poly["ran"] and poly["returncode"] != 0:
                 print("    " + "\n    ".join(poly["output"].strip().splitlines()[-6:]))
         verdict = "passed" if report["passed"] else "FAILED"
+        failed = report["polygraphy_failed"]
         print(f"lint for TensorRT {report['trt_version']}: {verdict} "
-              f"({report['errors']} errors, {report['warnings']} warnings)")
+              f"({report['errors']} errors, {report['warnings']} warnings"
+              + (f"; polygraphy failed {len(failed)} graphs: {', '.join(failed)}" if failed else "") + ")")
     return 0 if report["passed"] else 1
 
 
