@@ -197,3 +197,30 @@ def test_polygraphy_runs_each_artifact_graph_at_the_artifacts_shapes(capsys, mon
     out = capsys.readouterr().out
     assert out.count("exit 0 at the artifact's shapes") == len(shapes) - 1  # all but the static vision graph
     assert "polygraphy check lint vision.onnx: exit 0" in out
+
+
+@pytest.mark.slow
+def test_a_graph_polygraphy_fails_at_the_artifacts_shapes_fails_the_lint(tmp_path, capsys, monkeypatch) -> None:
+    """A head graph whose projection weight has one row too many (a broken exporter's output,
+    checksums rewritten): the support table has nothing against it, ONNX Runtime cannot run it,
+    so polygraphy fails it and lint exits 1 naming the graph."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from test_export_artifact import tampered
+
+    _with_polygraphy(monkeypatch)
+
+    def one_row_too_many(proto) -> None:
+        inits = {t.name: t for t in proto.graph.initializer}
+        weight = next(inits[i] for n in proto.graph.node if n.op_type == "MatMul" for i in n.input if i in inits)
+        w = numpy_helper.to_array(weight)
+        weight.CopyFrom(numpy_helper.from_array(np.concatenate([w, w[:1]]), weight.name))
+
+    art = tampered(tmp_path, one_row_too_many, C.head(0))
+    assert main(["lint", str(art)]) == 0  # the operator table alone passes it
+    capsys.readouterr()
+    assert main(["lint", str(art), "--polygraphy"]) == 1
+    out = capsys.readouterr().out
+    assert "polygraphy check lint head_0.onnx: exit 1 at the artifact's shapes" in out
+    assert "polygraphy failed 1 graphs: head_0.onnx)" in out
