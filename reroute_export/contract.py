@@ -6,14 +6,16 @@ An artifact folder holds:
     manifest.json          model, family, plan (and the spec it was planned on), shapes, precision,
                            opset, versions, graphs (role -> file), decoder (segments, KV buffer
                            lengths), sha256 of every file
-    vision.onnx            pixel_values -> image_features (N, D)
+    vision.onnx            pixel_values -> image_features (N, D); Qwen2.5-VL: also the grid's tables
+                           (VISION_TABLES), one graph for every image-size bucket (patch axis free)
     segment_{s}.onnx       layers [b_s, b_{s+1}) of stage s, run by prefill (compact rows) and
                            decode (one row) alike: each decoder weight is in exactly one segment
                            or head graph (rewrite/segments.py)
     head_{j}.onnx          decision j's layer: input_layernorm + q/k/v projections
     route_{j}.onnx         decision j's routing, no weights: score, SelectVisual, RouteGather
     embed_tokens.npy       (V, D) token embedding table, in the graphs' precision
-    preprocessor/          tokenizer + image processor files (Preprocessor.save_pretrained)
+    preprocessor/          tokenizer + image processor files (Preprocessor.save_pretrained);
+                           Qwen2.5-VL: vision_grids.npz, each bucket's vision tables
     *.onnx.data            external weights, when a graph's weights pass 2 GB
     weights.data           streamed exports (--random-weights): every graph's external weights
 
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-FORMAT = "reroute-export/1"  # bump when graph I/O changes; the loader refuses other formats
+FORMAT = "reroute-export/2"  # bump when graph I/O changes; the loader refuses other formats
 
 MANIFEST = "manifest.json"
 VISION = "vision.onnx"
@@ -59,6 +61,14 @@ OPSET = 18
 IR_VERSION = 8
 
 PIXEL_VALUES = "pixel_values"
+# Qwen2.5-VL's vision graph serves every image size: beside the patches it takes the grid's
+# tables (rewrite/vision.py), computed at export per image-size bucket and shipped in
+# preprocessor/VISION_GRIDS as "b{k}.{name}" arrays; the host feeds the bucket's.
+WINDOW_INDEX, REVERSE_INDEX = "window_index", "reverse_index"  # (S / merge²,) int64 each
+ROTARY_COS, ROTARY_SIN = "rotary_cos", "rotary_sin"  # (S, head_dim) float32 each, window order
+WINDOW_BLOCKS = "window_blocks"  # (S,) int64: the attention window of each patch, window order
+VISION_TABLES = (WINDOW_INDEX, REVERSE_INDEX, ROTARY_COS, ROTARY_SIN, WINDOW_BLOCKS)
+VISION_GRIDS = "vision_grids.npz"
 IMAGE_FEATURES = "image_features"
 INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
@@ -91,8 +101,9 @@ def route(j: int, bucket: int | None = None) -> str:
     return f"route.{j}" if bucket is None else f"route.{j}.b{bucket}"
 
 
-def vision(bucket: int | None = None) -> str:
-    return "vision" if bucket is None else f"vision.b{bucket}"
+def vision() -> str:
+    """Role of the vision graph: one per artifact, whatever its image sizes."""
+    return "vision"
 
 
 def file_of(role: str) -> str:

@@ -37,7 +37,7 @@ _ELEMENT_BYTES = {"FLOAT": 4, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "I
                   "FLOAT8E8M0": 1, "UINT4": 0.5, "INT4": 0.5, "FLOAT4E2M1": 0.5, "UINT2": 0.25, "INT2": 0.25,
                   "FLOAT6E2M3": 0.75, "FLOAT6E3M2": 0.75}
 _NUMPY_NAMES = {"float": "float32", "double": "float64"}  # ONNX type names -> the usual ones
-_KINDS = ("vision", "segment", "head", "route")  # role prefixes (contract.py); "vision.b1", "route.0.b1": buckets
+_KINDS = ("vision", "segment", "head", "route")  # role prefixes (contract.py); "route.0.b1": a bucket's
 
 # protobuf field numbers (onnx.proto3)
 _MODEL_GRAPH = 7
@@ -455,8 +455,8 @@ def _sizes_lines(sizes: list[dict[str, Any]] | None) -> list[str]:
     rows = [[str(b["bucket"]), "x".join(map(str, b["image_size"] or [])) or "?", "x".join(map(str, b["grid"] or [])),
              str(b["visual_tokens"]), "/".join(map(str, b["keep"])), f"{b['avg_visual_tokens']:.2f}",
              str(b["max_prompt_tokens"])] for b in sizes]
-    return [f"image sizes: {len(sizes)} (each image is resized to the nearest; vision and routing graphs per size, "
-            "segments and heads shared)",
+    return [f"image sizes: {len(sizes)} (each image is resized to the nearest; routing graphs and vision tables "
+            "per size; the vision graph, segments and heads shared)",
             _table(rows, ["bucket", "pixels HxW", "grid", "N", "K per decision", "avg/layer", "prompt <="],
                    right=(0, 3, 5, 6))]
 

@@ -157,16 +157,9 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
     buckets = bucket_plans(loaded, plan, inputs, opts)
     grid = buckets[0]["grid"]
     sh = shapes(loaded, plan, opts, buckets)
-    with steps.step("vision graph" if len(buckets) == 1 else f"vision graphs ({len(buckets)} image sizes)"):
-        vision_files = {C.vision(): C.VISION}
-        export_vision(model, loaded.family, folder / C.VISION, example_pixel_values=inputs.pixel_values.to(dtype),
-                      image_grid_thw=grid, dtype=dtype, stream=stream)
-        for k, b in enumerate(buckets[1:], start=1):
-            g = b["grid"]
-            pixels = torch.zeros(g[1] * g[2], inputs.pixel_values.shape[1], dtype=dtype)  # patches x features
-            vision_files[C.vision(k)] = C.file_of(C.vision(k))
-            export_vision(model, loaded.family, folder / vision_files[C.vision(k)], example_pixel_values=pixels,
-                          image_grid_thw=g, dtype=dtype, stream=stream)
+    with steps.step("vision graph" if len(buckets) == 1 else f"vision graph ({len(buckets)} image sizes)"):
+        tables = export_vision(model, loaded.family, folder / C.VISION, example_pixel_values=inputs.pixel_values,
+                               grids=[b["grid"] for b in buckets], dtype=dtype, stream=stream)
     example = example_for(loaded, inputs, dtype)
     form = opts.attention_form
     extra = [(k, b["plan"]) for k, b in enumerate(buckets[1:], start=1)]
@@ -185,6 +178,9 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
             np.save(folder / C.EMBEDDINGS, table)
         loaded.preprocessor.save_pretrained(folder / C.PREPROCESSOR,
                                             buckets=[_pixels(loaded, b["grid"]) for b in buckets[1:]])
+        if tables[0]:  # each bucket's vision tables, fed beside its pixels (contract.VISION_TABLES)
+            np.savez(folder / C.PREPROCESSOR / C.VISION_GRIDS,
+                     **{f"b{k}.{name}": a for k, tab in enumerate(tables) for name, a in tab.items()})
     vision_cfg = getattr(loaded.model.config, "vision_config", None)
     return {
         "model": loaded.spec.name, "model_source": loaded.source, "family": loaded.family.name, "plan": plan.to_dict(),
@@ -193,13 +189,15 @@ def _write_graphs(loaded: Loaded, plan: RoutingPlan, inputs: Any, folder: Path, 
         "precision": opts.precision, "opset": FORMS[form].opset, "ir_version": FORMS[form].ir_version,
         "inline_functions": opts.inline_functions, "shapes": sh,
         "fp32_layers": list(opts.fp32_layers) if opts.precision != "fp32" else [],
-        "graphs": {**vision_files, **decoder_files},
+        "graphs": {C.vision(): C.VISION, **decoder_files},
         "decoder": {"segments": [[r.start, r.stop] for r in plan.segments], "cache_tokens": sh["cache_tokens"],
                     "attention": form},
         "image_grid_thw": list(grid) if grid else None,
         "buckets": [{"grid": list(b["grid"]), "image_size": _pixels(loaded, b["grid"]), "plan": b["plan"].to_dict(),
-                     "max_prompt_tokens": sh["max_text_tokens"] + b["plan"].visual_tokens}
-                    for b in buckets] if len(buckets) > 1 else [],
+                     "max_prompt_tokens": sh["max_text_tokens"] + b["plan"].visual_tokens,
+                     "vision_inputs": {C.PIXEL_VALUES: [int(np.prod(b["grid"])), int(inputs.pixel_values.shape[1])],
+                                       **{n: list(a.shape) for n, a in tab.items()}}}
+                    for b, tab in zip(buckets, tables)] if len(buckets) > 1 else [],
         "spatial_merge_size": getattr(vision_cfg, "spatial_merge_size", None),
         "image_token_id": loaded.family.image_token_id(loaded.model),
         "eos_token_id": getattr(loaded.preprocessor.tokenizer, "eos_token_id", None),

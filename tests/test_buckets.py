@@ -1,6 +1,7 @@
 """Qwen2.5-VL at any image size: one artifact, visual-token buckets (issue 13 item 3).
 
-Each bucket has its own vision graph and routing graphs (its N and K_j); the decoder's
+Each bucket has its own routing graphs (its N and K_j) and vision tables (window order,
+rotary table, window ids); the vision graph, whose patch axis is free, and the decoder's
 segments and heads are shared. An image is resized to the bucket nearest to the grid the
 processor would give it, and must then trace exactly like the eager reference at that size.
 """
@@ -42,13 +43,13 @@ def bucketed() -> Path:
     return shared_export("qwen2.5-vl-buckets", FAMILY, plan, opts)  # test_trt.py plans engines from it too
 
 
-def test_buckets_share_segments_and_own_vision_and_routing_graphs() -> None:
+def test_buckets_share_the_vision_graph_and_segments_and_own_routing_graphs() -> None:
     manifest = read_manifest(bucketed())
     grids = [b["grid"] for b in manifest["buckets"]]
     assert grids == [[1, 16, 16], [1, 8, 12], [1, 12, 8]]
     assert [b["plan"]["visual_tokens"] for b in manifest["buckets"]] == [64, 24, 24]
     roles = set(manifest["graphs"])
-    assert {"vision", "vision.b1", "vision.b2"} <= roles
+    assert [r for r in roles if r.startswith("vision")] == ["vision"]
     assert {C.route(j, k) for j in range(4) for k in (1, 2)} <= roles
     assert sum(r.startswith("segment.") for r in roles) == 5 and sum(r.startswith("head.") for r in roles) == 4
     # K_j of a bucket is the schedule's ratio at its own N
@@ -154,15 +155,24 @@ def test_inspect_lists_the_image_sizes_an_artifact_takes() -> None:
     assert single["image_sizes"] is None and "image sizes" not in format_report(single)
 
 
-def test_an_image_sizes_vision_graph_loads_when_an_image_of_that_size_comes() -> None:
-    """Each extra size's vision graph holds a copy of the vision weights: loading the artifact
-    makes no session for them, an image in bucket 1 makes bucket 1's alone."""
-    art = OrtArtifact.load(bucketed(), verify=False)
-    extra = [C.vision(1), C.vision(2)]
-    assert [art.graphs[r].made for r in extra] == [False, False]
-    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 150, 3), dtype=np.uint8))  # H x W
-    inputs = art.prepare(image, "What is in the picture?")
-    assert art.plan_for(inputs) == art.bucket_plans[1]
-    art.trace(inputs, 2)
-    assert [art.graphs[r].made for r in extra] == [True, False]
-    assert art.graphs[C.vision(1)].input_types == {C.PIXEL_VALUES: np.float32}
+def test_one_vision_graph_holds_the_vision_weights_once_and_takes_each_sizes_tables() -> None:
+    """The vision graph's patch axis is free and every grid-dependent table is an input (the
+    shipped vision_grids.npz holds each bucket's, at the shapes the manifest gives TensorRT),
+    so the artifact holds the vision tower's weights once however many sizes it takes."""
+    import onnx
+
+    folder = bucketed()
+    manifest = read_manifest(folder, verify=False)
+    assert sorted(p.name for p in folder.glob("vision*")) == ["vision.onnx", "vision.onnx.data"]
+    graph = onnx.load(str(folder / C.VISION), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert list(dims) == [C.PIXEL_VALUES, *C.VISION_TABLES]
+    assert all(isinstance(d[0], str) and d[0] for d in dims.values())  # the patch axis is symbolic
+    art = OrtArtifact.load(folder, verify=False)
+    for k, bucket in enumerate(manifest["buckets"]):
+        tables = art.vision_tables[k]
+        assert list(tables) == list(C.VISION_TABLES)
+        assert {n: list(a.shape) for n, a in tables.items()} == \
+            {n: s for n, s in bucket["vision_inputs"].items() if n != C.PIXEL_VALUES}
+        assert len(tables[C.WINDOW_BLOCKS]) == bucket["vision_inputs"][C.PIXEL_VALUES][0] == np.prod(bucket["grid"])
+    assert not np.array_equal(art.vision_tables[1][C.WINDOW_INDEX], art.vision_tables[2][C.WINDOW_INDEX])

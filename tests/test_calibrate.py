@@ -311,10 +311,10 @@ def test_int8_artifact_runs_in_onnxruntime(family: str, qroot: str) -> None:
         assert len(kept) == stage.keep and kept == sorted(kept)
 
 
-def test_buckets_calibrate_every_vision_graph_and_keep_their_routing_float(tmp_path: Path) -> None:
-    """Qwen2.5-VL image-size buckets (vision.bK, route.j.bK; shared segments and heads): each
-    sample runs once per bucket, so every vision graph is calibrated and the shared graphs
-    see every bucket's visual-token count; every route.j.bK is the fp32 file."""
+def test_buckets_calibrate_the_vision_graph_at_every_size_and_keep_their_routing_float(tmp_path: Path) -> None:
+    """Qwen2.5-VL image-size buckets (route.j.bK; the vision graph, segments and heads shared):
+    each sample runs once per bucket, so the vision graph is calibrated at every size and the
+    shared graphs see every bucket's visual-token count; every route.j.bK is the fp32 file."""
     from test_buckets import bucketed
 
     src = bucketed()
@@ -331,7 +331,10 @@ def test_buckets_calibrate_every_vision_graph_and_keep_their_routing_float(tmp_p
             assert not g["quantized"] and (tmp_path / "q" / name).read_bytes() == (src / name).read_bytes(), role
         else:
             assert g["quantized"], role
-    assert [cal["feeds"][r] for r in ("vision", "vision.b1", "vision.b2")] == [2, 2, 2]
+    assert cal["feeds"]["vision"] == 2 * buckets and not any(r.startswith("vision.") for r in cal["feeds"])
+    out = OrtArtifact.load(tmp_path / "q", verify=True)  # the tables came along with the preprocessor
+    assert all(np.array_equal(out.vision_tables[k][n], OrtArtifact.load(src).vision_tables[k][n])
+               for k in range(buckets) for n in C.VISION_TABLES)
     assert cal["feeds"][C.segment(0)] == cal["prefill_runs"] + cal["decode_steps"]
 
 

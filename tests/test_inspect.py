@@ -102,7 +102,7 @@ def test_graphs_by_role_with_their_layers(artifact) -> None:
     assert all(x["bucket"] == 0 for x in g.values())
     assert inspect_artifact._role_facts("route.1.b2", plan, [[r.start, r.stop] for r in plan.segments]) == \
         {"kind": "route", "bucket": 2, "index": 1, "layers": [plan.stages[1].layer] * 2}
-    assert inspect_artifact._role_facts("vision.b1", plan, [])["bucket"] == 1
+    assert inspect_artifact._role_facts("vision", plan, [])["bucket"] == 0
 
 
 def test_weight_bytes_per_graph_and_each_decoder_weight_once(artifact) -> None:

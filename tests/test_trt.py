@@ -158,7 +158,8 @@ def check_profile_shapes(inputs: dict[str, list[int | str]], profile: list[dict[
 def check_build_files(folder: Path, version: str) -> dict:
     """Everything build_trt.sh asks trtexec for is valid for `version` and fits the graphs: one
     engine per manifest role, the decode/prefill profiles of segments and heads, the scored-row
-    profile of routing graphs, static vision graphs."""
+    profile of routing graphs, a static vision graph or (image-size buckets) one exact-shape
+    profile per bucket."""
     manifest = json.loads((folder / C.MANIFEST).read_text())
     plan = json.loads((folder / B.PLAN_FILE).read_text())
     script_path = folder / B.SCRIPT_FILE
@@ -190,7 +191,7 @@ def check_build_files(folder: Path, version: str) -> dict:
         assert plan["engines"][role]["trtexec"] == argv  # the script runs exactly the plan
         assert [p["name"] for p in plan["engines"][role]["profiles"]] == \
             {"segment": [B.DECODE, B.PREFILL], "head": [B.DECODE, B.PREFILL], "route": ["scored"],
-             "vision": []}[B.role_kind(role)]
+             "vision": plan["profiles"]["vision"]}[B.role_kind(role)]
         pool, _, mib = flags["--memPoolSize"].partition(":")
         assert pool == "workspace" and int(mib) == plan["workspace_mib"] > 0
         assert flags["--timingCacheFile"] == B.TIMING_CACHE and "--skipInference" in flags
@@ -199,7 +200,12 @@ def check_build_files(folder: Path, version: str) -> dict:
         inputs = onnx_inputs(folder / onnx_file)
         kind = B.role_kind(role)
         if kind == "vision":
-            assert not profiles and not any(isinstance(d, str) for dims in inputs.values() for d in dims)
+            dynamic = any(isinstance(d, str) for dims in inputs.values() for d in dims)
+            assert len(profiles) == (len(manifest["buckets"]) if dynamic else 0)
+            for i, p in enumerate(profiles):  # each bucket's exact shapes
+                exact = check_profile_shapes(inputs, p, f"{role} profile {i}")
+                assert all(lo == opt == hi for lo, opt, hi in exact.values())
+                assert p[0] == {k: tuple(v) for k, v in manifest["buckets"][i]["vision_inputs"].items()}
             continue
         ranges = [check_profile_shapes(inputs, p, f"{role} profile {i}") for i, p in enumerate(profiles)]
         t = inputs[C.HIDDEN][1]
@@ -298,16 +304,21 @@ def test_qwen_mrope_positions_profiles(tmp_path) -> None:
 
 
 def test_image_buckets_plan_their_own_routing_engines(tmp_path) -> None:
-    """Qwen2.5-VL with visual-token buckets: one vision and routing engine per bucket (its N, K_j
-    and longest prompt), the segments and heads shared; their KV buffers the largest bucket's."""
+    """Qwen2.5-VL with visual-token buckets: routing engines per bucket (its N, K_j and longest
+    prompt), the vision, segment and head engines shared (the vision engine with a profile per
+    image size); the KV buffers the largest bucket's; the vision weights counted once."""
     from test_buckets import bucketed
 
     folder = copy_artifact(bucketed(), tmp_path / "b")
     manifest = json.loads((folder / C.MANIFEST).read_text())
     B.write_build_files(folder, B.build_plan(folder, manifest, "jetson-orin"))
     plan = check_build_files(folder, "10.3")
-    assert {"vision.b1", "vision.b2", C.route(0, 1), C.route(3, 2)} <= set(plan["engines"])
-    assert plan["engines"]["vision.b1"]["engine"] == "vision_b1.engine"
+    assert {C.route(0, 1), C.route(3, 2)} <= set(plan["engines"])
+    assert [r for r in plan["engines"] if r.startswith("vision")] == ["vision"]
+    assert plan["profiles"]["vision"] == ["image 224x224", "image 112x168", "image 168x112"]
+    engine_gib = plan["memory"]["engine_gib"]
+    assert [r for r in engine_gib if r.startswith("vision")] == ["vision"]
+    assert engine_gib["vision"] * B.GIB == B.weight_bytes(folder, C.VISION) > 0
     assert plan["memory"]["kv_cache_gib"] * B.GIB == B.kv_cache_bytes(manifest, 4)
     assert lint(folder, "10.3")["passed"] and lint(folder, "11")["passed"]
 
@@ -365,8 +376,8 @@ def test_device_table_is_complete() -> None:
 
 def test_roles_name_engines_and_kinds() -> None:
     assert B.engine_file("segment.0") == "segment_0.engine" and B.engine_file("route.1.b2") == "route_1_b2.engine"
-    assert B.engine_file("vision.b1") == "vision_b1.engine"
-    assert [B.role_kind(r) for r in ("vision.b1", "segment.3", "head.0", "route.0.b1")] == \
+    assert B.engine_file("route.0.b1") == "route_0_b1.engine"
+    assert [B.role_kind(r) for r in ("vision", "segment.3", "head.0", "route.0.b1")] == \
         ["vision", "segment", "head", "route"]
     assert B.role_bucket("route.0.b1") == 1 and B.role_bucket("segment.2") is None and B.role_bucket("vision") is None
     with pytest.raises(UserError, match="no known kind"):

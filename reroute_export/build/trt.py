@@ -18,9 +18,10 @@ ever faked.
 
 One engine per ONNX graph role of manifest["graphs"] (rewrite/segments.py), named after
 the role (segment.1 -> segment_1.engine); roles are read by their kind, the part before
-the first dot, so bucketed roles (vision.b1, route.0.b1) plan like their kind:
+the first dot, so bucketed roles (route.0.b1) plan like their kind:
 
-    vision*    static shapes, no profile
+    vision     static shapes, no profile; Qwen2.5-VL with image-size buckets: one graph, the
+               patch axis free, a profile per bucket at its exact shapes (manifest buckets)
     segment.s  two optimization profiles: 0 "decode" (T = 1 row, P = M_s: the stage's
                fixed KV buffer, min = opt = max) and 1 "prefill" (T = 1 .. max_prompt_tokens
                rows, P = 1: the one-row dummy buffer with past_length 0)
@@ -132,7 +133,7 @@ def role_index(role: str) -> int:
 
 
 def role_bucket(role: str) -> int | None:
-    """route.0.b1 -> 1, vision.b2 -> 2, segment.0 -> None (Qwen's visual-token buckets)."""
+    """route.0.b1 -> 1, route.0 / segment.0 -> None (Qwen's visual-token buckets)."""
     last = role.split(".")[-1]
     return int(last[1:]) if len(role.split(".")) > 1 and last[:1] == "b" and last[1:].isdigit() else None
 
@@ -447,10 +448,34 @@ def graph_profiles(role: str, manifest: dict[str, Any], inputs: list[GraphInput]
         return head_profiles(role, manifest, inputs, onnx_file)
     if kind == "route":
         return route_profiles(role, manifest, inputs, onnx_file, model)
-    if any(i.dynamic for i in inputs):
-        raise UserError(f"{onnx_file} ({role}) has dynamic inputs {[i.name for i in inputs if i.dynamic]}; "
-                        "the exporter fixes its shapes: re-export it")
-    return []
+    if kind == "vision":
+        return vision_profiles(manifest, inputs, onnx_file)
+    raise UserError(f"{onnx_file}: unknown graph role {role!r}")
+
+
+def vision_profiles(manifest: dict[str, Any], inputs: list[GraphInput], onnx_file: str) -> list[Profile]:
+    """[] for a static vision graph (LLaVA, or one image size); Qwen2.5-VL with image-size
+    buckets: the patch axis is free, and each bucket gets a profile at its exact shapes
+    (min = opt = max: manifest buckets[k].vision_inputs), so TensorRT tunes every size."""
+    dynamic = [i for i in inputs if i.dynamic]
+    if not dynamic:
+        return []
+    buckets = manifest.get("buckets") or []
+    if not buckets or any("vision_inputs" not in b for b in buckets):
+        raise UserError(f"{onnx_file} has dynamic inputs {[i.name for i in dynamic]} but the manifest gives no "
+                        "image-size buckets' shapes: re-export it")
+    out = []
+    for k, bucket in enumerate(buckets):
+        axes: dict[str, Range] = {}
+        for inp in dynamic:
+            shape = bucket["vision_inputs"].get(inp.name)
+            if shape is None or len(shape) != len(inp.dims) or any(
+                    not isinstance(d, str) and d != v for d, v in zip(inp.dims, shape)):
+                raise UserError(f"{onnx_file}: input {inp.name} {list(inp.dims)} does not fit bucket {k}'s shape "
+                                f"{shape}: re-export it")
+            axes.update({d: (int(v),) * 3 for d, v in zip(inp.dims, shape) if isinstance(d, str)})
+        out.append(_profile(f"image {'x'.join(str(x) for x in bucket['image_size'])}", inputs, axes))
+    return out
 
 
 # ---------------------------------------------------------------- memory
@@ -703,8 +728,8 @@ def _check_roles(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
                         "re-export the artifact")
     want = ["vision", *(C.segment(s) for s in range(len(segments))),
             *(f(j) for j in range(len(plan.stages)) for f in (C.head, C.route))]
-    for k in range(1, len(manifest.get("buckets") or [])):  # Qwen2.5-VL: each bucket's vision + routing graphs
-        want += [C.vision(k), *(C.route(j, k) for j in range(len(plan.stages)))]
+    for k in range(1, len(manifest.get("buckets") or [])):  # Qwen2.5-VL: each bucket's routing graphs
+        want += [C.route(j, k) for j in range(len(plan.stages))]
     lacking = [r for r in want if r not in graphs]
     if lacking:
         raise UserError(f"artifact {folder}: the manifest lists no {', '.join(lacking[:4])} graph; re-export it")
@@ -752,7 +777,8 @@ def build_plan(folder: Path, manifest: dict[str, Any], device_name: str,
         "strongly_typed": precision in py["strongly_typed"],
         "builder_flags": py["builder_flags"].get(precision, []), "clear_flags": py["clear_flags"].get(precision, []),
         "workspace_mib": workspace, "timing_cache": TIMING_CACHE, "plugin_lib": plugin_lib,
-        "profiles": {"segment": [DECODE, PREFILL], "head": [DECODE, PREFILL], "route": ["scored"], "vision": []},
+        "profiles": {"segment": [DECODE, PREFILL], "head": [DECODE, PREFILL], "route": ["scored"],
+                     "vision": [p["name"] for p in engines[C.vision()]["profiles"]]},
         "engines": engines, "memory": memory, "warnings": plan_warnings(dev, precision, memory),
         "custom_ops": "reroute-domain nodes are parsed through their ONNX local functions"
                       + (f"; plugin library {plugin_lib} is loaded first, so its registered plugins take "

@@ -142,8 +142,14 @@ class Family(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def vision_module(cls, model: nn.Module, image_grid_thw: tuple[int, int, int] | None) -> nn.Module:
-        """The static-shape module export/vision.py writes as vision.onnx: pixel values -> (N, D)."""
+    def vision_module(cls, model: nn.Module) -> nn.Module:
+        """The module export/vision.py writes as vision.onnx: pixel values (+ vision_tables) -> (N, D)."""
+
+    @classmethod
+    def vision_tables(cls, model: nn.Module, image_grid_thw: tuple[int, int, int] | None) -> dict[str, Any]:
+        """The vision graph's inputs beside the pixels for one image grid, in the order its
+        module takes them (contract.VISION_TABLES); none for a fixed-size tower."""
+        return {}
 
     @classmethod
     @abc.abstractmethod

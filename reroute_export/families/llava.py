@@ -167,7 +167,7 @@ class Llava(Family):
         return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
 
     @classmethod
-    def vision_module(cls, model: nn.Module, image_grid_thw: tuple[int, int, int] | None) -> nn.Module:
+    def vision_module(cls, model: nn.Module) -> nn.Module:
         from ..rewrite.vision import LlavaVision
 
         return LlavaVision(model)

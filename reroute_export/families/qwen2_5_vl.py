@@ -261,12 +261,18 @@ class Qwen25VL(Family):
         return pos  # (3, B, L)
 
     @classmethod
-    def vision_module(cls, model: nn.Module, image_grid_thw: tuple[int, int, int] | None) -> nn.Module:
-        from ..rewrite.vision import QwenFixedGridVision
+    def vision_module(cls, model: nn.Module) -> nn.Module:
+        from ..rewrite.vision import QwenVision
+
+        return QwenVision(model)
+
+    @classmethod
+    def vision_tables(cls, model: nn.Module, image_grid_thw: tuple[int, int, int] | None) -> dict[str, Any]:
+        from ..rewrite.vision import grid_tables
 
         if image_grid_thw is None:
-            raise ValueError("Qwen2.5-VL's vision graph needs the image grid fixed at export time")
-        return QwenFixedGridVision(model, image_grid_thw)
+            raise ValueError("Qwen2.5-VL's vision tables need the image grid")
+        return grid_tables(model.model.visual, tuple(int(x) for x in image_grid_thw))
 
     @classmethod
     def check_pixels(cls, config: Any, inputs: Any, tokens: int) -> None:

@@ -8,7 +8,7 @@ What is calibrated, and on what
     (`calibration/recipes/*.json`) says how many samples, the seed that picks and orders
     them, how many decode steps per sample, which graphs, and the quantizer settings.
     Every graph role of the artifact (manifest["graphs"]: vision, segment.s, head.j,
-    route.j; buckets such as vision.b1 by their prefix) is calibrated on the feeds the ONNX
+    route.j; buckets such as route.0.b1 by their prefix) is calibrated on the feeds the ONNX
     Runtime runtime itself builds for it, recorded in one pass over the samples, each feed
     stored the moment its graph is called (feeds.py): the vision graph on the processed
     photos (with image-size buckets, every photo in every bucket); each segment and

@@ -2,7 +2,7 @@
 per sample, which graphs, and the quantizer settings (calibration/recipes/*.json).
 
 A recipe's `graphs` names graph kinds or single roles of the artifact's manifest["graphs"]:
-`vision` (every vision role, buckets included: vision, vision.b1, ...), `segment` (every
+`vision` (the vision graph, which serves every image size), `segment` (every
 segment.s), `head` (every head.j), or one role such as `segment.2` or `head.0`. Routing
 graphs (route.j, route.j.bK) are never quantized, so a recipe cannot name them (see
 `FLOAT_KINDS`)."""
@@ -58,7 +58,7 @@ class Recipe:
 
 
 def kind(role: str) -> str:
-    """vision.b1 -> vision, segment.2 -> segment, route.0.b1 -> route."""
+    """vision -> vision, segment.2 -> segment, route.0.b1 -> route."""
     return role.split(".")[0]
 
 

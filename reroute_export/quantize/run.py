@@ -110,9 +110,9 @@ def calibrate(artifact_dir: str | Path, output_dir: str | Path, precision: str =
 
 def _calibration_inputs(art: Any, chosen: list[CalibrationSample]) -> list[Any]:
     """Each sample as the artifact's preprocessor prepares it; with image-size buckets
-    (Qwen2.5-VL: vision.bK, route.j.bK), each sample once per bucket, resized to the bucket's
-    size first, so that every bucket's vision graph is calibrated on every photo and the
-    shared segments and heads see every bucket's visual-token count."""
+    (Qwen2.5-VL), each sample once per bucket, resized to the bucket's size first, so that the
+    vision graph is calibrated on every photo at every size and the shared segments and heads
+    see every bucket's visual-token count."""
     import PIL.Image
 
     from ..preprocess import load_image

@@ -8,20 +8,25 @@ LLaVA-1.5: the CLIP vision tower at the model's image size, the feature layer th
 names (CLS dropped for the "default" strategy) and the multimodal projector; the model's
 own `get_image_features`, traced as is.
 
-Qwen2.5-VL: the vision transformer and merger at one image grid fixed at export time.
-HF's forward derives window order, rotary angles and attention chunks from `grid_thw`
-with Python loops and `.tolist()` (data-dependent); here they are computed once for the
-fixed grid and stored as constants of the graph: the window permutation and its inverse,
-the rotary cos/sin table (already permuted), and two additive block masks (window
-attention, full attention) that replace HF's per-chunk attention calls. Each block runs
-the model's own weights; the exported graph is held to HF's forward by the post-export
-check (logits, tests/test_export_artifact.py) and by parity's vision metrics.
+Qwen2.5-VL: the vision transformer and merger, one graph for every image size. HF's
+forward derives window order, rotary angles and attention chunks from `grid_thw` with
+Python loops and `.tolist()` (data-dependent); here they are computed on the host per
+grid (`grid_tables`: at export, once per image-size bucket, shipped with the artifact)
+and fed to the graph beside the patches: the window permutation and its inverse, the
+rotary cos/sin table (already permuted) and each patch's window id, from which the graph
+builds the window attention's block mask (HF's per-chunk attention calls). The patch axis
+is free, so the vision weights are in the artifact once however many sizes it takes.
+Each block runs the model's own weights; the exported graph is held to HF's forward by
+the post-export check (logits, tests/test_export_artifact.py) and by parity's vision
+metrics.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .. import contract as C
 
 
 class LlavaVision(nn.Module):
@@ -39,70 +44,72 @@ class LlavaVision(nn.Module):
         return out.pooler_output[0]  # (N, D)
 
 
-def block_mask(cu_seqlens: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 1, S, S) additive mask: 0 inside each [cu[i], cu[i+1]) block, dtype-min across blocks."""
-    bounds = cu_seqlens.to(torch.long)
-    block = torch.bucketize(torch.arange(length), bounds[1:], right=True)  # (S,) block id per token
-    same = block[:, None] == block[None, :]  # (S, S)
-    mask = torch.zeros(length, length, dtype=dtype).masked_fill(~same, torch.finfo(dtype).min)
-    return mask[None, None]
+def grid_tables(visual: nn.Module, grid_thw: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """The data-dependent part of HF's vision forward for one image grid, computed on the host
+    (contract.VISION_TABLES): the window permutation and its inverse, the rotary cos/sin
+    table (already in window order) and each patch's attention-window id."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    if grid_thw[0] != 1:
+        raise ValueError(f"image grid {list(grid_thw)}: the vision graph takes one image (t = 1)")
+    grid = torch.tensor([list(grid_thw)], dtype=torch.long)  # (1, 3)
+    seq, unit = int(grid.prod()), visual.spatial_merge_unit
+    if seq % unit:
+        raise ValueError(f"image grid {list(grid_thw)} is not a multiple of the merge unit {unit}")
+    with torch.no_grad():
+        positions = get_vision_position_ids(grid, visual.spatial_merge_size)
+        window_index, cu_window = get_vision_window_index(
+            grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            patch_size=visual.patch_size)
+        cos, sin = visual.rotary_pos_emb(torch.zeros(seq, 1), positions)  # (S, hd) each
+    order = (window_index[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)  # (S,) token order
+    blocks = torch.bucketize(torch.arange(seq), cu_window.to(torch.long)[1:], right=True)  # (S,) window id
+    return {C.WINDOW_INDEX: window_index.to(torch.long), C.REVERSE_INDEX: torch.argsort(window_index),
+            C.ROTARY_COS: cos[order].float(), C.ROTARY_SIN: sin[order].float(), C.WINDOW_BLOCKS: blocks}
 
 
-class QwenFixedGridVision(nn.Module):
-    """Qwen2.5-VL vision tower + merger for one fixed `(t, h, w)` grid, no data-dependent shapes.
+class QwenVision(nn.Module):
+    """Qwen2.5-VL vision tower + merger for any one-image grid, no data-dependent shapes.
 
-    (t*h*w, C*tp*p*p) flattened patches, as the HF processor gives them -> (t*h*w/merge², D).
+    (S, C*tp*p*p) flattened patches, as the HF processor gives them, and the grid's tables
+    (`grid_tables`) -> (S / merge², D). The window attention's additive mask is built in the
+    graph from the window ids (0 within a window, dtype-min across); the full-attention
+    blocks see the whole image (one image: one block, HF's mask there is all zeros).
     """
 
-    def __init__(self, model: nn.Module, grid_thw: tuple[int, int, int]) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        from transformers.vision_utils import (get_vision_attention_seqlens, get_vision_position_ids,
-                                               get_vision_window_index)
-
         visual = model.model.visual
-        self.visual = visual
-        cfg = visual.config
-        dtype = visual.patch_embed.proj.weight.dtype
-        grid = torch.tensor([list(grid_thw)], dtype=torch.long)  # (1, 3)
-        seq = int(grid.prod())
-        unit = visual.spatial_merge_unit
-        if seq % unit:
-            raise ValueError(f"image grid {list(grid_thw)} is not a multiple of the merge unit {unit}")
-        with torch.no_grad():
-            positions = get_vision_position_ids(grid, visual.spatial_merge_size)
-            cu_full, _ = get_vision_attention_seqlens(grid, cfg)
-            window_index, cu_window = get_vision_window_index(
-                grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-                patch_size=visual.patch_size)
-            cos, sin = visual.rotary_pos_emb(torch.zeros(seq, 1), positions)  # (S, hd) each
-            order = (window_index[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)  # (S,) token order
-        self.seq, self.unit = seq, unit
-        self.register_buffer("window_index", window_index.to(torch.long), persistent=False)  # (S / unit,)
-        self.register_buffer("reverse_index", torch.argsort(window_index), persistent=False)
-        self.register_buffer("cos", cos[order].float(), persistent=False)  # (S, hd)
-        self.register_buffer("sin", sin[order].float(), persistent=False)
-        self.register_buffer("window_mask", block_mask(cu_window, seq, dtype), persistent=False)
-        self.register_buffer("full_mask", block_mask(cu_full, seq, dtype), persistent=False)
+        self.visual, self.unit = visual, visual.spatial_merge_unit
+        self.dtype = visual.patch_embed.proj.weight.dtype
         self.full_blocks = set(visual.fullatt_block_indexes)
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
         s = x.shape[0]
         q, k, v = attn.qkv(x).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, hd)
-        q, k = apply_rotary_pos_emb_vision(q, k, self.cos, self.sin)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, S, hd)
-        w = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask  # (1, H, S, S)
+        w = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # (1, H, S, S)
+        if mask is not None:
+            w = w + mask
         w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(w, v).transpose(1, 2).reshape(s, -1)  # (S, H*hd)
         return attn.proj(out)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, window_index: torch.Tensor, reverse_index: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, window_blocks: torch.Tensor) -> torch.Tensor:
         v = self.visual
         x = v.patch_embed(pixel_values)  # (S, C)
-        x = x.reshape(self.seq // self.unit, self.unit, -1)[self.window_index].reshape(self.seq, -1)
+        s = x.shape[0]
+        x = x.reshape(-1, self.unit, x.shape[-1])[window_index].reshape(s, -1)
+        same = window_blocks[:, None] == window_blocks[None, :]  # (S, S)
+        zero = torch.zeros((), dtype=self.dtype)
+        window_mask = torch.where(same, zero, torch.finfo(self.dtype).min)[None, None]  # (1, 1, S, S)
         for i, blk in enumerate(v.blocks):
-            mask = self.full_mask if i in self.full_blocks else self.window_mask
-            x = x + self._attention(blk.attn, blk.norm1(x), mask)
+            mask = None if i in self.full_blocks else window_mask
+            x = x + self._attention(blk.attn, blk.norm1(x), cos, sin, mask)
             x = x + blk.mlp(blk.norm2(x))
-        return v.merger(x)[self.reverse_index]  # (S / unit, D)
+        return v.merger(x)[reverse_index]  # (S / unit, D)

@@ -19,7 +19,7 @@ read on the host through `host()`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -148,31 +148,3 @@ def trace_of(plan: RoutingPlan, g: Greedy, text: str = "") -> TraceResult:
     decisions = {str(s.layer): d for s, d in zip(plan.stages, g.decisions)}
     return TraceResult(decisions, g.last_logits, list(g.tokens), text, plan)
 
-
-class OnFirstUse:
-    """A graph runner made on its first use: an artifact's extra image-size vision graphs
-    (Qwen2.5-VL buckets vision.b1, ...) each hold a copy of the vision tower's weights, so they
-    load, weights and all, only when an image of that size first comes. Anything asked of it
-    (a call, `input_types`, `dtype()`) makes the runner and answers as it."""
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self._make: Callable[[], Any] | None = make
-        self._runner: Any = None
-
-    @property
-    def made(self) -> bool:
-        return self._runner is not None
-
-    @property
-    def runner(self) -> Any:
-        if self._runner is None:
-            self._runner, self._make = self._make(), None
-        return self._runner
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # not ours: never make the runner for copy/pickle probes
-            raise AttributeError(name)
-        return getattr(self.runner, name)
-
-    def __call__(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        return self.runner(feeds)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -31,7 +30,7 @@ from ..inputs import ArrayInputs
 from ..plan import RoutingPlan
 from ..families import get_family
 from ..results import TraceResult
-from .base import OnFirstUse, State
+from .base import State
 from .segmented import Cache, Decoder, Layout
 from .positions import next_position
 from .processor import ArtifactProcessor
@@ -53,9 +52,17 @@ MANIFEST_KEYS = ("family", "plan", "shapes", "image_token_id")
 BUCKET = "bucket"  # prefill_feeds' host-side entry: the image-size bucket the input runs in
 
 
-def is_extra_vision(role: str) -> bool:
-    """vision.b1, vision.b2, ...: the vision graphs of an artifact's extra image sizes."""
-    return role.startswith(C.vision() + ".")
+def vision_tables(folder: Path, buckets: int) -> list[dict[str, np.ndarray]]:
+    """Each bucket's vision tables (Qwen2.5-VL, contract.VISION_TABLES), read once; [{}...]
+    for a vision graph that takes the pixels alone."""
+    path = Path(folder) / C.PREPROCESSOR / C.VISION_GRIDS
+    if not path.is_file():
+        return [{} for _ in range(buckets)]
+    with np.load(path) as z:
+        out = [{n: z[f"b{k}.{n}"] for n in C.VISION_TABLES if f"b{k}.{n}" in z.files} for k in range(buckets)]
+    if not all(out):
+        raise UserError(f"artifact {folder}: {C.PREPROCESSOR}/{C.VISION_GRIDS} lacks a bucket's tables; re-export it")
+    return out
 
 
 def _route_role(bucket: int):
@@ -216,7 +223,7 @@ class OrtArtifact:
         self.host = get_family(self.family)  # the family's host-side rules (positions, grid)
         self.preprocessor = preprocessor
         self.embed_tokens = embed_tokens  # (V, D), memory-mapped
-        self.graphs = graphs  # role -> session: vision(.bk), segment.s, head.j, route.j(.bk)
+        self.graphs = graphs  # role -> session: vision, segment.s, head.j, route.j(.bk)
         first = graphs[C.segment(0)]
         self.embed_dtype = first.dtype(C.HIDDEN)
         kv_types = {}
@@ -225,14 +232,15 @@ class OrtArtifact:
         self.layout = Layout(self.plan, list(manifest["shapes"]["cache_tokens"]), int(manifest["shapes"]["num_kv_heads"]),
                              int(manifest["shapes"]["head_dim"]), [kv_types[i] for i in range(self.plan.num_layers)],
                              self.host.position_dims, manifest["decoder"].get("attention", C.PORTABLE))
-        # visual-token buckets (Qwen2.5-VL): per image size its grid, plan (N_k, K_j), vision and
-        # routing graphs; the segments and heads are shared. One bucket when none were exported.
+        # visual-token buckets (Qwen2.5-VL): per image size its grid, plan (N_k, K_j), vision
+        # tables and routing graphs; the vision graph, segments and heads are shared. One bucket when none were exported.
         raw = manifest.get("buckets") or [{"grid": manifest.get("image_grid_thw"), "plan": manifest["plan"],
                                            "max_prompt_tokens": manifest["shapes"]["max_prompt_tokens"]}]
         self.bucket_grids = [None if b["grid"] is None else np.asarray(b["grid"], dtype=np.int64).reshape(1, 3)
                              for b in raw]
         self.bucket_plans = [RoutingPlan.from_dict(b["plan"]) for b in raw]
         self.bucket_limits = [int(b["max_prompt_tokens"]) for b in raw]
+        self.vision_tables = vision_tables(folder, len(raw))  # fed with each bucket's pixels
         self.decoders = [Decoder(replace(self.layout, plan=p), self._call, route_role=_route_role(k))
                          for k, p in enumerate(self.bucket_plans)]
         self.decoder = self.decoders[0]
@@ -254,9 +262,7 @@ class OrtArtifact:
         def graph(role: str, name: str) -> Graph:
             return Graph(folder / name, providers, fp16=_fp16_on_load(manifest, role))
 
-        # an extra image size's vision graph (its own copy of the vision weights) loads when first used
-        graphs = {role: OnFirstUse(partial(graph, role, name)) if is_extra_vision(role) else graph(role, name)
-                  for role, name in manifest["graphs"].items()}
+        graphs = {role: graph(role, name) for role, name in manifest["graphs"].items()}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")  # (V, D): GBs for 7B; page in on use
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
         return cls(folder, manifest, graphs, embed, pre)
@@ -345,7 +351,7 @@ class OrtArtifact:
 
     def run_vision(self, pixel_values: Any, bucket: int = 0) -> np.ndarray:
         """A vision graph alone: (N, D) image features, as float32."""
-        out = self.graphs[C.vision(bucket or None)]({C.PIXEL_VALUES: _numpy(pixel_values)})
+        out = self.graphs[C.vision()]({C.PIXEL_VALUES: _numpy(pixel_values), **self.vision_tables[bucket]})
         return out[C.IMAGE_FEATURES].reshape(-1, self.embed_tokens.shape[1]).astype(np.float32)
 
     def prefill_feeds(self, inputs: Inputs) -> dict[str, np.ndarray]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,7 @@ import numpy as np
 from ..errors import UserError
 from .. import contract as C
 from ..export.artifact import read_manifest
-from .base import OnFirstUse
-from .ort import MANIFEST_KEYS, OrtArtifact, is_extra_vision
+from .ort import MANIFEST_KEYS, OrtArtifact
 from .processor import ArtifactProcessor
 from .segmented import Arrays, Decoder
 
@@ -280,8 +278,7 @@ class TrtArtifact(OrtArtifact):
         def graph(role: str) -> TrtGraph:
             return TrtGraph(folder / files[role], runtime, trt, torch, stream, kv if role.startswith("segment") else ())
 
-        # an extra image size's vision engine (its own copy of the vision weights) loads when first used
-        graphs = {r: OnFirstUse(partial(graph, r)) if is_extra_vision(r) else graph(r) for r in roles}
+        graphs = {r: graph(r) for r in roles}
         embed = np.load(folder / C.EMBEDDINGS, mmap_mode="r")
         pre = ArtifactProcessor.load(folder / C.PREPROCESSOR, manifest["family"])
         arrays = DeviceArrays(torch, graphs[C.segment(0)].device) if device_kv else None
