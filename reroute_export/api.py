@@ -173,6 +173,8 @@ def export(
     from .trace import for_inputs
 
     _refuse_early(output, force, target, precision, method, device, attention)  # before minutes of loading
+    _check_lengths(max_prompt_tokens, max_new_tokens)
+    _image_buckets(image_buckets)
     with loading_bars(progress):  # transformers' "Loading weights" bar: only when progress is asked for
         loaded = _load_for_export(model, precision, random_weights, stream_weights, log or _silent)
         sample = _export_sample(loaded, image, prompt, inputs)
@@ -186,6 +188,14 @@ def export(
             raise UserError(f"--max-prompt-tokens {max_prompt_tokens} is shorter than the sample prompt "
                             f"({prompt_tokens} tokens)")
         return export_artifact(loaded, routing, sample, Path(output), opts)
+
+
+def _check_lengths(max_prompt_tokens: int | None, max_new_tokens: int) -> None:
+    """An artifact's bounds must each admit at least one token (refused before loading)."""
+    if int(max_new_tokens) < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: an artifact generates at least 1 token")
+    if max_prompt_tokens is not None and int(max_prompt_tokens) < 1:
+        raise UserError(f"--max-prompt-tokens {max_prompt_tokens}: must be a positive number of tokens")
 
 
 def _silent(message: str) -> None:
@@ -307,6 +317,8 @@ def _image_buckets(given: str | Sequence[tuple[int, int]] | None) -> tuple[tuple
         if not x or not h.isdigit() or not w.isdigit():
             raise UserError(f"--image-buckets: {part!r} is not HEIGHTxWIDTH in pixels (e.g. 448x672)")
         out.append((int(h), int(w)))
+    if not out:
+        raise UserError(f"--image-buckets {given!r}: no size given (HEIGHTxWIDTH in pixels, e.g. 448x672)")
     return tuple(out)
 
 

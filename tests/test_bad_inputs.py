@@ -82,6 +82,9 @@ def test_the_default_output_folder_is_refused_like_a_given_one(tmp_path, capsys,
     (["--budget", "32", "--target", "tflite"], "unknown target 'tflite'"),
     (["--budget", "32", "--target", "trt", "--device", "jetson-tx1"], "unknown device 'jetson-tx1'"),
     (["--budget", "32", "--image", "README.md", "--prompt", "x"], "not an image"),
+    (["--budget", "32", "--max-new-tokens", "0"], "generates at least 1 token"),
+    (["--budget", "32", "--max-prompt-tokens", "-1"], "must be a positive number of tokens"),
+    (["--budget", "32", "--image-buckets", ","], "no size given"),
 ])
 def test_bad_export_arguments_write_nothing(args, message, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
@@ -89,6 +92,22 @@ def test_bad_export_arguments_write_nothing(args, message, tmp_path, capsys, mon
     err = one_line_error(capsys, ["--model", "tiny-llava", *args, "--output", out])
     assert message in err, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["--max-new-tokens", "0"], ["--max-prompt-tokens", "0"], ["--image-buckets", ","]])
+def test_bounds_that_admit_no_token_are_refused_before_loading(args, tmp_path, capsys, monkeypatch) -> None:
+    """A 7B checkpoint takes minutes to load: an artifact bound of 0 tokens (which used to be
+    written, then fail its own post-export check) is refused before any loading."""
+    import reroute_export.api as api
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded a model before refusing the arguments")
+
+    monkeypatch.setattr(api, "_load_for_export", no_loading)
+    err = one_line_error(capsys, ["--model", "llava-1.5-7b", "--random-weights", "--budget", "128", *args,
+                                  "--output", tmp_path / "out"])
+    assert args[0] in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_corrupt_image_is_refused(tmp_path, capsys) -> None:
