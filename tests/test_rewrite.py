@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import FAMILIES, sample_inputs, tiny, tiny_artifact
 from reroute_export import contract as C
@@ -71,6 +72,51 @@ def exported(family: str, method: str) -> dict[str, onnx.ModelProto]:
 
 def run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops a CUDA graph capture cannot hold: a read back to the host (int(), .item(),
+    `if tensor`), an op whose output shape depends on data (nonzero, masked_select, unique), a
+    tensor made from host data (torch.tensor / from_numpy then .to), a copy between devices."""
+
+    STOPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim",
+             "unique_consecutive", "equal", "is_nonzero", "repeat_interleave", "lift_fresh", "lift_fresh_copy"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if name in self.STOPS or (name == "_to_copy" and "device" in kwargs):
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_steps_a_gpu_captures_as_cuda_graphs_never_wait_on_the_host(family: str, method: str) -> None:
+    """torch-static captures prefill and each decode step as CUDA graphs on a GPU (the GPU
+    benchmark's decode figure). Capture fails, and the run falls back to eager modules, on any
+    host read, data-dependent shape or host-made tensor inside a step. No GPU here, so the same
+    steps run on the CPU under a dispatch mode that records such ops, after the warm-up the
+    capture does (two passes: index tensors are made once and reused)."""
+    m, inputs, plan = tiny(family), sample_inputs(family), plan_for(family, method)
+    run = TorchStaticRuntime(m, plan, max_new_tokens=8).bind(inputs)
+    with torch.no_grad():
+        for _ in range(2):  # StaticRun._warm_up's passes
+            state = run._prefill_eager()
+            for step in range(3):
+                state = run._decode_eager(state, step)
+        with HostSyncs() as probe:  # what _record runs under torch.cuda.graph
+            state = run._prefill_eager()
+            for step in range(3):
+                state = run._decode_eager(state, step)
+        assert probe.seen == [], probe.seen
+        with HostSyncs() as check:  # the probe sees what it is for
+            int(state.logits.argmax())
+            run.decoder.xp.index([12345])
+        assert check.seen == ["_local_scalar_dense", "lift_fresh"], check.seen
 
 
 @pytest.mark.parametrize("family_name", FAMILIES)
