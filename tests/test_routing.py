@@ -166,3 +166,55 @@ def test_plan_and_inputs_must_agree() -> None:
     wrong = RoutingPlan("reroute", m.spec.text.num_layers, 10, (Stage(1, 5, 0.5),))
     with pytest.raises(UserError, match="image tokens"):
         RoutedModel(m.model, m.family, wrong).prefill(inputs)
+
+
+def test_the_engine_passes_its_cache_by_the_name_the_installed_transformers_takes(family: str) -> None:
+    """transformers 5.2x decoder layers take the KV cache as `cache`; earlier 5.x (5.17: the
+    lent GPU's image) as `past_key_values`, and a layer given the other name caches nothing.
+    A layer class with the older signature (forwarding to the installed one) must give the
+    same prefill and greedy tokens."""
+    import copy
+    import inspect
+
+    from reroute_export.errors import UserError
+    from reroute_export.routing.engine import cache_keyword
+
+    m, inputs = tiny(family), sample_inputs(family)
+    plan = make_plan(m.spec, "reroute", budget=32)
+    pre, ids = generate(RoutedModel(m.model, m.family, plan), inputs, 5)
+    model = copy.deepcopy(m.model)
+    layers = m.family.decoder(model).layers
+    current = type(layers[0])
+    installed = cache_keyword(layers[0])
+    other = {"cache": "past_key_values", "past_key_values": "cache"}[installed]
+
+    class OtherSignature(current):
+        """The installed layer behind the other version's signature (the cache under `other`)."""
+
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
+                    position_embeddings=None, **kwargs):
+            kwargs[installed] = kwargs.pop(other, None)
+            return current.forward(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+
+    OtherSignature.forward.__signature__ = inspect.Signature([
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("hidden_states", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+          for n in ("attention_mask", "position_ids", other, "use_cache", "position_embeddings")),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+    for layer in layers:
+        layer.__class__ = OtherSignature
+    routed = RoutedModel(model, m.family, plan)
+    assert routed.cache_kw == other
+    old_pre, old_ids = generate(routed, inputs, 5)
+    assert [d.tolist() for d in old_pre.decisions] == [d.tolist() for d in pre.decisions]
+    torch.testing.assert_close(old_pre.logits, pre.logits, atol=1e-5, rtol=0)
+    assert old_ids.tolist() == ids.tolist()
+
+    class NoCache(torch.nn.Module):
+        def forward(self, hidden_states, **kwargs):
+            return hidden_states
+
+    with pytest.raises(UserError, match="takes no KV cache argument"):
+        cache_keyword(NoCache())

@@ -17,6 +17,7 @@ tested. Decoding does no routing: each new token attends to every layer's own ca
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,18 @@ class Prefill:
     cache: RoutedKVCache
     next_position: torch.Tensor  # (B,) position id of the first generated token
     buffers: list[torch.Tensor] = field(default_factory=list)  # H at each decision, if asked
+
+
+def cache_keyword(layer: nn.Module) -> str:
+    """The keyword an HF decoder layer takes its KV cache by: `cache` in transformers 5.2x,
+    `past_key_values` before (5.17, the lent GPU's image). A layer given the other name takes
+    it into **kwargs and caches nothing, so the name is read off the layer's own signature."""
+    params = inspect.signature(type(layer).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise UserError(f"{type(layer).__name__}.forward takes no KV cache argument (neither `cache` nor "
+                    "`past_key_values`): this transformers version is not supported")
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -66,6 +79,7 @@ class RoutedModel:
         if len(self.layers) != plan.num_layers:
             raise UserError(f"plan is for {plan.num_layers} layers, the model has {len(self.layers)}")
         self.stage_at = {s.layer: i for i, s in enumerate(plan.stages)}
+        self.cache_kw = cache_keyword(self.layers[0])
 
     # ------------------------------------------------------------ prefill
 
@@ -119,7 +133,7 @@ class RoutedModel:
                 mask = prefill_mask(key_ok.gather(1, kept), H.dtype)
             cache.key_ok[i] = key_ok.gather(1, kept)
             h = layer(h, attention_mask=mask, position_embeddings=(gather_rows(cos, kept), gather_rows(sin, kept)),
-                      cache=cache, use_cache=True)
+                      use_cache=True, **{self.cache_kw: cache})
         logits = self.family.lm_head(self.model)(self.decoder.norm(h[:, -1]))  # (B, V)
         next_pos = positions.reshape(-1, b, length).amax(dim=(0, 2)) + 1  # (B,)
         return Prefill(logits.float(), decisions, cache, next_pos, buffers)
@@ -140,7 +154,7 @@ class RoutedModel:
             ok = torch.cat([cache.key_ok[i], torch.ones_like(cache.key_ok[i][:, :1])], dim=1)  # (B, T_i + 1)
             cache.key_ok[i] = ok
             mask = additive_mask(ok[:, None, :], x.dtype)  # (B, 1, 1, T_i + 1)
-            x = layer(x, attention_mask=mask, position_embeddings=(cos, sin), cache=cache, use_cache=True)
+            x = layer(x, attention_mask=mask, position_embeddings=(cos, sin), use_cache=True, **{self.cache_kw: cache})
         return self.family.lm_head(self.model)(self.decoder.norm(x[:, -1])).float()
 
 
