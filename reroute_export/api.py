@@ -101,7 +101,9 @@ def as_image(image: Image) -> PIL.Image.Image:
         from .preprocess import load_image
 
         return load_image(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    from .families.host import to_rgb
+
+    return to_rgb(image)
 
 
 def given_inputs(image: Image | None, prompt: str | None, inputs: Inputs | None,

@@ -26,6 +26,7 @@ import PIL.Image
 import PIL.ImageOps
 
 from reroute_export.errors import UserError
+from reroute_export.families.host import to_rgb
 
 if TYPE_CHECKING:  # torch and transformers when a Preprocessor is made: `load_image` and
     # SETTINGS_FILE serve the torch-free runtime too (reroute_export/runtime/, cli generate)
@@ -94,7 +95,7 @@ def load_image(path: str | Path) -> PIL.Image.Image:
             _check_decoded_size(path, image, full)
             image.load()
             image = PIL.ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
         raise UserError(f"not an image or corrupt: {path}") from exc
 
@@ -283,7 +284,7 @@ class Preprocessor:
 
     def _process_images(self, images: list[PIL.Image.Image]) -> dict[str, torch.Tensor]:
         """Run the PIL image processor; for a fixed Qwen grid, resize to image_size first."""
-        images = self.family.fit_images(self, [image.convert("RGB") for image in images])
+        images = self.family.fit_images(self, [to_rgb(image) for image in images])
         out = self.image_processor(images, return_tensors="pt")
         return dict(out)
 

@@ -75,16 +75,23 @@ def read_json(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- steps
 
 
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A plain RGB image: transparency (an alpha band, or a `transparency` key, which a palette
+    image keeps as a colour after PIL's convert("RGB")) composited onto white, as transformers
+    5.2x's convert_to_rgb does. Earlier 5.x dropped it; an image with no transparency left
+    reads the same in every version, and in the torch-free processor."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def to_chw(image: PIL.Image.Image, convert_rgb: bool) -> np.ndarray:
     """PIL image -> (C, H, W) uint8, as `PilBackend.process_image` (convert_to_rgb first:
     transparency, including a palette's `transparency` key, is composited onto white)."""
     if convert_rgb:
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = PIL.Image.alpha_composite(white, rgba).convert("RGB")
-        else:
-            image = image.convert("RGB")
+        image = to_rgb(image)
     pixels = np.array(image)  # (H, W, C) or (H, W)
     return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)  # (C, H, W)
 

@@ -20,7 +20,7 @@ import PIL.Image
 from tokenizers import Tokenizer
 
 from ..errors import UserError
-from ..families.host import read_json
+from ..families.host import read_json, to_rgb
 from ..inputs import ArrayInputs
 from ..preprocess import SETTINGS_FILE  # preprocess imports torch/transformers only to make a Preprocessor
 from ..families import get_family
@@ -75,7 +75,7 @@ class ArtifactProcessor:
         token = self.family.image_token
         if token in prompt:
             raise UserError(f"the prompt must not contain the image placeholder {token}")
-        pixels = self.images(image.convert("RGB"))  # Preprocessor converts first, then the processor
+        pixels = self.images(to_rgb(image))  # Preprocessor converts first, then the processor
         text = self.render(prompt).replace(token, token * pixels.tokens, 1)
         ids = np.array([self.tokenizer.encode(text).ids], dtype=np.int64)  # (1, L); default special tokens
         found = int((ids == self.image_token_id).sum())
