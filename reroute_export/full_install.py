@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 from typing import Any
 
 from .errors import UserError
@@ -19,8 +20,11 @@ FULL_INSTALL_MODULES = frozenset({"torch", "transformers", "onnx", "onnxscript",
 
 
 def needs_full_install(e: ModuleNotFoundError) -> bool:
-    """Whether `e` is a full-install dependency missing (anything else is a real bug)."""
-    return (e.name or "").split(".")[0] in FULL_INSTALL_MODULES
+    """Whether `e` is a full-install dependency missing (anything else is a real bug). A missing
+    submodule of an installed package (e.g. `transformers.models.x` in another version) is not:
+    the full install is there, and saying "install it" would send the user the wrong way."""
+    top = (e.name or "").split(".")[0]
+    return top in FULL_INSTALL_MODULES and importlib.util.find_spec(top) is None
 
 
 def full_install_error(command: str) -> UserError:

@@ -133,6 +133,24 @@ def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
         return None
 
 
+# The oldest transformers this package runs on (pyproject.toml's bound says the same; a test
+# holds them equal). 5.16 and older fail the Qwen2.5-VL vision rotary call; before 5.5 the
+# PIL image processors need torchvision. Checked at load: the GPU image's python has its
+# own transformers, and a PYTHONPATH run gets no pip check.
+TRANSFORMERS_MIN = "5.17"
+
+
+def check_transformers() -> None:
+    """One line, not a traceback deep in a model's forward, for a transformers too old or too new."""
+    import transformers
+    from packaging.version import Version
+
+    found = Version(transformers.__version__)
+    if not Version(TRANSFORMERS_MIN) <= found < Version("6"):
+        raise UserError(f"transformers {transformers.__version__} is installed; reroute-export needs "
+                        f"transformers>={TRANSFORMERS_MIN},<6: pip install 'transformers>={TRANSFORMERS_MIN},<6'")
+
+
 def load(model: str, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu",
          random_weights: bool = False) -> Loaded:
     """Spec, family, HF model (eval mode) and preprocessor for `model`.
@@ -144,6 +162,7 @@ def load(model: str, dtype: "torch.dtype | None" = None, device: "str | torch.de
     """
     import torch
 
+    check_transformers()
     dtype = dtype or torch.float32
     folder = Path(model)
     if random_weights:

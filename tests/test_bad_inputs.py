@@ -321,3 +321,31 @@ def test_lint_refuses_what_every_other_command_refuses(damage, message, art_copy
     err = one_line_error(capsys, ["lint", art_copy])
     assert message in err, err
     assert main(["lint", str(art_copy / C.VISION), "--quiet"]) == 0  # a bare .onnx file stays lintable
+
+
+def test_a_transformers_outside_the_supported_range_is_one_line_before_loading(capsys, monkeypatch, tmp_path) -> None:
+    """transformers 5.16 and older fail deep in the Qwen2.5-VL vision forward (and before 5.5
+    the PIL processors need torchvision): `load` says which range it needs, in one line. The
+    range is pyproject.toml's, and the suite's own transformers is inside it."""
+    import tomllib
+
+    import transformers
+    from reroute_export.registry import TRANSFORMERS_MIN, check_transformers
+
+    deps = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert f"transformers>={TRANSFORMERS_MIN},<6" in deps["dependencies"]
+    check_transformers()
+    for old in ("5.16.1", "5.0.0", "6.0.0"):
+        monkeypatch.setattr(transformers, "__version__", old)
+        err = one_line_error(capsys, ["trace", "--model", "tiny-llava", "--budget", "32"])
+        assert f"transformers {old} is installed; reroute-export needs transformers>={TRANSFORMERS_MIN},<6" in err
+    err = one_line_error(capsys, ["--model", "tiny-llava", "--budget", "32", "--output", tmp_path / "out"])
+    assert "transformers 6.0.0 is installed" in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_submodule_of_an_installed_package_is_not_called_a_missing_install() -> None:
+    """'needs the full install' is for a runtime-only install; a full install whose transformers
+    lacks a submodule (another version) must not be told to install what it has."""
+    from reroute_export.full_install import needs_full_install
+
+    assert not needs_full_install(ModuleNotFoundError("no", name="transformers.models.not_a_model"))
