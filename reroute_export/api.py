@@ -176,7 +176,7 @@ def export(
 
     _refuse_early(output, force, target, precision, method, device, attention)  # before minutes of loading
     _check_lengths(max_prompt_tokens, max_new_tokens)
-    _image_buckets(image_buckets)
+    buckets = _image_buckets(image_buckets)
     with loading_bars(progress):  # transformers' "Loading weights" bar: only when progress is asked for
         loaded = _load_for_export(model, precision, random_weights, stream_weights, log or _silent)
         sample = _export_sample(loaded, image, prompt, inputs)
@@ -184,7 +184,7 @@ def export(
         routing = make_plan(loaded.spec, method, budget=budget, schedule=schedule, drop_layers=drop_layers,
                             keep_ratios=keep_ratios, keep=keep)
         opts = _options(loaded, precision, fp32_layers, max_prompt_tokens, max_new_tokens, inline_functions, force,
-                        check, progress, target, device, plugin_lib, image_buckets, attention)
+                        check, progress, target, device, plugin_lib, buckets, attention)
         prompt_tokens = int(sample.input_ids.shape[1])
         if max_prompt_tokens is not None and max_prompt_tokens < prompt_tokens:
             raise UserError(f"--max-prompt-tokens {max_prompt_tokens} is shorter than the sample prompt "
@@ -297,14 +297,15 @@ def _export_sample(loaded: Loaded, image: Image | None, prompt: str | None, inpu
 
 def _options(loaded: Loaded, precision: str, fp32_layers: str | Sequence[int] | None, max_prompt_tokens: int | None,
              max_new_tokens: int, inline_functions: bool, force: bool, check: bool, progress: bool, target: str,
-             device: str, plugin_lib: str | None, image_buckets: Any = None, attention: str = "auto") -> ExportOptions:
+             device: str, plugin_lib: str | None, image_buckets: tuple[tuple[int, int], ...] = (),
+             attention: str = "auto") -> ExportOptions:
     from .pipeline import ExportOptions
 
     return ExportOptions(precision=precision, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                          inline_functions=inline_functions, force=force, check=check, quiet=not progress,
                          target=target, device=device, plugin_lib=plugin_lib,
                          fp32_layers=_fp32_layers(fp32_layers, precision, loaded.spec.text.num_layers),
-                         image_buckets=_image_buckets(image_buckets), attention=attention)
+                         image_buckets=image_buckets, attention=attention)
 
 
 def _image_buckets(given: str | Sequence[tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:
