@@ -2,7 +2,7 @@
 # GPU benchmark of BENCHMARKS.md: llava-1.5-7b (and qwen2.5-vl-7b) architecture, fp16, seeded
 # random weights, batch 1, budget 128: eager reference (torch) vs the export's static-shape
 # modules replayed as CUDA graphs (torch-static). Usage: benchmarks/gpu_bench.sh OUTDIR
-# Needs torch with CUDA and transformers>=5 beside this package (pip install -e . or PYTHONPATH).
+# Needs torch with CUDA and transformers>=5.17,<6 beside this package (pip install -e . or PYTHONPATH).
 set -u
 out=${1:-bench-gpu}
 mkdir -p "$out"

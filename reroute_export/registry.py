@@ -133,17 +133,31 @@ def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
         return None
 
 
-# The oldest transformers this package runs on (pyproject.toml's bound says the same; a test
-# holds them equal). 5.16 and older fail the Qwen2.5-VL vision rotary call; before 5.5 the
-# PIL image processors need torchvision. Checked at load: the GPU image's python has its
-# own transformers, and a PYTHONPATH run gets no pip check.
+# The oldest transformers and torch this package runs on (pyproject.toml's bounds say the
+# same; a test holds them equal). transformers 5.16 and older fail the Qwen2.5-VL vision
+# rotary call; before 5.5 the PIL image processors need torchvision. torch 2.6's export
+# specialises the graphs' free token axes to the example's length (and transformers 5.2x
+# disables torch before 2.6); torch 2.9's matmul decomposition guards a free axis `!= 1`, so
+# its export of a segment refuses T = 1 (2.10 does not). Checked at load: the GPU image's python has its own packages,
+# and a PYTHONPATH run gets no pip check.
 TRANSFORMERS_MIN = "5.17"
+TORCH_MIN = "2.7"
+TORCH_EXCLUDED = "2.9"
+TORCH_RANGE = f"torch>={TORCH_MIN},!={TORCH_EXCLUDED}.*"
 
 
-def check_transformers() -> None:
-    """One line, not a traceback deep in a model's forward, for a transformers too old or too new."""
-    import transformers
+def check_versions() -> None:
+    """One line, not a traceback deep in a model's forward or a graph with fixed token axes,
+    for a torch too old or a transformers too old or too new. torch first: transformers
+    disables an old torch (with its own multi-line notice) when it is imported."""
+    import torch
     from packaging.version import Version
+
+    release = Version(torch.__version__).release
+    if release < Version(TORCH_MIN).release or release[:2] == Version(TORCH_EXCLUDED).release:
+        raise UserError(f"torch {torch.__version__} is installed; reroute-export needs {TORCH_RANGE}: "
+                        f"pip install '{TORCH_RANGE}'")
+    import transformers
 
     found = Version(transformers.__version__)
     if not Version(TRANSFORMERS_MIN) <= found < Version("6"):
@@ -162,7 +176,7 @@ def load(model: str, dtype: "torch.dtype | None" = None, device: "str | torch.de
     """
     import torch
 
-    check_transformers()
+    check_versions()
     dtype = dtype or torch.float32
     folder = Path(model)
     if random_weights:

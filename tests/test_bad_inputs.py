@@ -330,17 +330,42 @@ def test_a_transformers_outside_the_supported_range_is_one_line_before_loading(c
     import tomllib
 
     import transformers
-    from reroute_export.registry import TRANSFORMERS_MIN, check_transformers
+    from reroute_export.registry import TRANSFORMERS_MIN, check_versions
 
     deps = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     assert f"transformers>={TRANSFORMERS_MIN},<6" in deps["dependencies"]
-    check_transformers()
+    check_versions()
     for old in ("5.16.1", "5.0.0", "6.0.0"):
         monkeypatch.setattr(transformers, "__version__", old)
         err = one_line_error(capsys, ["trace", "--model", "tiny-llava", "--budget", "32"])
         assert f"transformers {old} is installed; reroute-export needs transformers>={TRANSFORMERS_MIN},<6" in err
     err = one_line_error(capsys, ["--model", "tiny-llava", "--budget", "32", "--output", tmp_path / "out"])
     assert "transformers 6.0.0 is installed" in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_torch_older_than_the_supported_one_is_one_line_before_loading(capsys, monkeypatch, tmp_path) -> None:
+    """torch 2.6's export fixes the graphs' free token axes to the example's length (segment
+    inputs `[1, '82', 64]`, not `[1, 'tokens', 64]`), and torch 2.9's refuses a segment's
+    T = 1 (`guard ... size()[1] != 1`), so an export on either gives a wrong artifact or
+    none: `load` refuses them in one line. pyproject's range is the same, and the suite's
+    own torch (a local +cpu build) passes."""
+    import tomllib
+
+    import torch
+    from reroute_export.registry import TORCH_RANGE, check_versions
+
+    deps = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert TORCH_RANGE == "torch>=2.7,!=2.9.*" and TORCH_RANGE in deps["dependencies"]
+    check_versions()
+    for ok in ("2.7.0", "2.8.0+cu128", "2.10.0", "2.15.0"):
+        monkeypatch.setattr(torch, "__version__", ok)
+        check_versions()
+    for old in ("2.6.0+cu124", "2.9.1+cu128", "2.9.0", "1.13.1"):
+        monkeypatch.setattr(torch, "__version__", old)
+        err = one_line_error(capsys, ["trace", "--model", "tiny-llava", "--budget", "32"])
+        assert f"torch {old} is installed; reroute-export needs torch>=2.7,!=2.9.*" in err
+    err = one_line_error(capsys, ["--model", "tiny-llava", "--budget", "32", "--output", tmp_path / "out"])
+    assert "torch 1.13.1 is installed" in err and list(tmp_path.iterdir()) == []
 
 
 def test_a_missing_submodule_of_an_installed_package_is_not_called_a_missing_install() -> None:
