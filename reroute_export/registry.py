@@ -138,12 +138,13 @@ def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
 # rotary call; before 5.5 the PIL image processors need torchvision. torch 2.6's export
 # specialises the graphs' free token axes to the example's length (and transformers 5.2x
 # disables torch before 2.6); torch 2.9's matmul decomposition guards a free axis `!= 1`, so
-# its export of a segment refuses T = 1 (2.10 does not). Checked at load: the GPU image's python has its own packages,
+# its export of a segment refuses T = 1; under torch 2.7 the suite's exports inside pytest
+# failed importing torch.onnx's onnxscript_ir (not yet understood). The whole suite passes
+# on 2.11 and 2.13, so 2.11 is the floor. Checked at load: the GPU image's python has its own packages,
 # and a PYTHONPATH run gets no pip check.
 TRANSFORMERS_MIN = "5.17"
-TORCH_MIN = "2.7"
-TORCH_EXCLUDED = "2.9"
-TORCH_RANGE = f"torch>={TORCH_MIN},!={TORCH_EXCLUDED}.*"
+TORCH_MIN = "2.11"
+TORCH_RANGE = f"torch>={TORCH_MIN}"
 
 
 def check_versions() -> None:
@@ -154,7 +155,7 @@ def check_versions() -> None:
     from packaging.version import Version
 
     release = Version(torch.__version__).release
-    if release < Version(TORCH_MIN).release or release[:2] == Version(TORCH_EXCLUDED).release:
+    if release < Version(TORCH_MIN).release:
         raise UserError(f"torch {torch.__version__} is installed; reroute-export needs {TORCH_RANGE}: "
                         f"pip install '{TORCH_RANGE}'")
     import transformers
