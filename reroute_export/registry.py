@@ -136,12 +136,11 @@ def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
 # The oldest transformers and torch this package runs on (pyproject.toml's bounds say the
 # same; a test holds them equal). transformers 5.16 and older fail the Qwen2.5-VL vision
 # rotary call; before 5.5 the PIL image processors need torchvision. torch 2.6's export
-# specialises the graphs' free token axes to the example's length (and transformers 5.2x
-# disables torch before 2.6); torch 2.9's matmul decomposition guards a free axis `!= 1`, so
-# its export of a segment refuses T = 1; under torch 2.7 the suite's exports inside pytest
-# failed importing torch.onnx's onnxscript_ir (not yet understood). The whole suite passes
-# on 2.11 and 2.13, so 2.11 is the floor. Checked at load: the GPU image's python has its own packages,
-# and a PYTHONPATH run gets no pip check.
+# fixes the graphs' free token axes to the example's length; torch 2.9's refuses a segment's
+# T = 1 (its matmul decomposition guards `!= 1`); under 2.7 the suite's exports failed
+# importing torch.onnx's onnxscript_ir (not understood yet). The whole suite passes on 2.11
+# and 2.13. Checked at load: the GPU image's python has its own packages, and a PYTHONPATH
+# run gets no pip check.
 TRANSFORMERS_MIN = "5.17"
 TORCH_MIN = "2.11"
 TORCH_RANGE = f"torch>={TORCH_MIN}"
