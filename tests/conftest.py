@@ -117,3 +117,43 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     created = getattr(session.config, "_reroute_artifacts", None)  # only the controller made one
     if created:
         shutil.rmtree(created, ignore_errors=True)
+
+
+def build_wheel(work: "Path") -> "Path":
+    """`pip wheel .` on a copy of the sources (nothing is written into the checkout), into
+    work/dist; a failure shows pip's own message. Without build isolation (no network) when
+    the installed setuptools meets pyproject's build requirement; an older one (a venv's
+    bundled setuptools 65 against our >= 68) would fail the build, so pip then fetches one."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parent.parent
+    src = work / "src"
+    src.mkdir()
+    litter = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.onnx", "*.onnx.data")
+    for name in ("pyproject.toml", "setup.py", "README.md", "reroute_export", "graphs", "calibration"):
+        if (root / name).is_dir():
+            shutil.copytree(root / name, src / name, ignore=litter)
+        else:
+            shutil.copy2(root / name, src / name)
+    needs = tomllib.loads((root / "pyproject.toml").read_text())["build-system"]["requires"]
+    isolation = ["--no-build-isolation"] if all(_installed_satisfies(Requirement(r)) for r in needs) else []
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(work / "dist"), str(src)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(argv)}\n{(out.stdout + out.stderr)[-3000:]}"
+    (wheel,) = (work / "dist").glob("reroute_export-*.whl")
+    return wheel
+
+
+def _installed_satisfies(requirement) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return requirement.specifier.contains(version(requirement.name), prereleases=True)
+    except PackageNotFoundError:
+        return False

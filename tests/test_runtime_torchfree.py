@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import FAMILIES, tiny_artifact
+from conftest import FAMILIES, build_wheel, tiny_artifact
 from reroute_export import contract as C
 from reroute_export.families import get_family
 from reroute_export.preprocess import Preprocessor, load_image, samples
@@ -116,10 +115,6 @@ def test_runtime_imports_no_torch() -> None:
 
 # ---------------------------------------------------------------- the runtime install, in a fresh venv
 
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "reroute_export", "graphs", "calibration")
-LITTER = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.onnx", "*.onnx.data")
-
-
 def runtime_requirements() -> list[str]:
     """The `[runtime]` extra: what README's torch-free install puts beside the wheel."""
     with open(ROOT / "pyproject.toml", "rb") as f:
@@ -131,25 +126,12 @@ def _run(argv: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _build_wheel(work: Path) -> Path:
-    """The wheel, built from a copy of the sources (nothing written into the checkout)."""
-    src = work / "src"
-    src.mkdir()
-    for name in (n for n in SOURCES if (ROOT / n).exists()):
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
-        copy(ROOT / name, src / name, **({"ignore": LITTER} if (ROOT / name).is_dir() else {}))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(work / "dist"), str(src)], check=True, capture_output=True, text=True)
-    (wheel,) = (work / "dist").glob("reroute_export-*.whl")
-    return wheel
-
-
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory) -> Path:
     """A fresh venv holding the wheel (no deps) and the [runtime] packages, nothing else."""
     work = tmp_path_factory.mktemp("torchfree")
     start = time.monotonic()
-    wheel = _build_wheel(work)
+    wheel = build_wheel(work)
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q"]

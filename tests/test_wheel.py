@@ -2,8 +2,9 @@
 cannot see the source tree, and run from a folder outside it.
 
 `pip wheel . && pip install dist/*.whl`, in the cheapest form that is still honest: the
-build runs on a copy of the sources (nothing is written into the checkout) without build
-isolation (no network for setuptools); the fresh venv gets the wheel, without
+build runs on a copy of the sources (conftest.build_wheel: nothing is written into the
+checkout), without build isolation where the installed setuptools is new enough (no
+network); the fresh venv gets the wheel, without
 dependencies, before it is told where the current environment's dependencies are (one
 `.pth` line naming that site-packages folder: torch is not installed twice, and since a
 `.pth` line adds a folder without running that folder's own `.pth` files, the
@@ -13,10 +14,8 @@ the README's main job run from an empty folder.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,12 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_wheel
 from test_readme import readme_blocks, shipped_input
 
 ROOT = Path(__file__).resolve().parent.parent
-# What the build reads: the project files and the folders the wheel carries (setup.py).
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "reroute_export", "graphs", "calibration")
-BUILD_LITTER = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.onnx", "*.onnx.data")
 
 pytestmark = pytest.mark.slow
 
@@ -52,17 +49,6 @@ class Installed:
         return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _copy_sources(dst: Path) -> Path:
-    dst.mkdir()
-    for name in SOURCES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=BUILD_LITTER)
-        else:
-            shutil.copy2(src, dst / name)
-    return dst
-
-
 def _site_packages(venv: Path) -> Path:
     return Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
 
@@ -77,11 +63,7 @@ def _step(argv: list[str]) -> None:
 def installed(tmp_path_factory) -> Installed:
     start = time.monotonic()
     work = tmp_path_factory.mktemp("wheel")
-    src = _copy_sources(work / "src")
-    # Without build isolation where setuptools is here (no network needed); else pip fetches it.
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-    _step([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(work / "dist"), str(src)])
-    (wheel,) = (work / "dist").glob("reroute_export-*.whl")
+    wheel = build_wheel(work)
     venv = work / "venv"
     _step([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     # This environment's pip installs into the fresh one, seeing only the fresh one's packages:
