@@ -89,8 +89,10 @@ def _export(module: torch.nn.Module, args: tuple, dynamic_shapes, input_names, o
             stream: WeightStream | None = None) -> "onnx.ModelProto | StreamedGraph":
     """torch.onnx (dynamo) export, optimised; with `stream` the module's parameters are data-free
     stand-ins while tracing and the graph keeps lazy weights until it is saved."""
-    # the exporter logs a warning per torchvision op it cannot register; we use none of them
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # the exporter logs a warning per torchvision op it cannot register (we use none of them),
+    # and torch 2.7/2.8 one per unannotated input of our own translations (inputs, rightly)
+    for name in ("_registration", "_schemas"):
+        logging.getLogger(f"torch.onnx._internal.exporter.{name}").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torchlib_registry_once(), (stream.stand_ins() if stream else nullcontext()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
