@@ -133,29 +133,31 @@ def _folder_visual_tokens(folder: Path, family: type["Family"]) -> int | None:
         return None
 
 
-# The oldest transformers and torch this package runs on (pyproject.toml's bounds say the
-# same; a test holds them equal). transformers 5.16 and older fail the Qwen2.5-VL vision
-# rotary call; before 5.5 the PIL image processors need torchvision. torch 2.6's export
-# fixes the graphs' free token axes to the example's length; torch 2.9's refuses a segment's
-# T = 1 (its matmul decomposition guards `!= 1`); under 2.7 the suite's exports failed
-# importing torch.onnx's onnxscript_ir (not understood yet). The whole suite passes on 2.11
-# and 2.13. Checked at load: the GPU image's python has its own packages, and a PYTHONPATH
-# run gets no pip check.
+# The transformers and torch this package runs on (pyproject.toml's bounds say the same; a
+# test holds them equal). transformers 5.16 and older fail the Qwen2.5-VL vision rotary call;
+# before 5.5 the PIL image processors need torchvision. torch 2.6's export fixes the graphs'
+# free token axes to the example's length; torch 2.9's refuses a segment's T = 1 (a broadcast
+# matmul's decomposition, and reshapes of transposed heads, guard the token axis `!= 1`). The
+# whole suite passes on 2.7, 2.8, 2.10, 2.11 and 2.13. Checked at load: the GPU image's python
+# has its own packages, and a PYTHONPATH run gets no pip check.
 TRANSFORMERS_MIN = "5.17"
-TORCH_MIN = "2.11"
-TORCH_RANGE = f"torch>={TORCH_MIN}"
+TORCH_MIN = "2.7"
+TORCH_EXCLUDED = ("2.9",)
+TORCH_RANGE = f"torch>={TORCH_MIN}" + "".join(f",!={v}.*" for v in TORCH_EXCLUDED)
 
 
 def check_versions() -> None:
     """One line, not a traceback deep in a model's forward or a graph with fixed token axes,
-    for a torch too old or a transformers too old or too new. torch first: transformers
-    disables an old torch (with its own multi-line notice) when it is imported."""
+    for a torch outside its range or a transformers too old or too new. torch first:
+    transformers disables an old torch (with its own multi-line notice) when it is imported."""
     import torch
     from packaging.version import Version
 
-    release = Version(torch.__version__).release
-    if release < Version(TORCH_MIN).release:
-        raise UserError(f"torch {torch.__version__} is installed; reroute-export needs {TORCH_RANGE}: "
+    release = Version(torch.__version__).release  # 2.9.1+cu128 and 2.12.0.dev… alike
+    minor = ".".join(map(str, release[:2]))
+    if release < Version(TORCH_MIN).release or minor in TORCH_EXCLUDED:
+        why = " (its export cannot trace the one-token decode)" if minor in TORCH_EXCLUDED else ""
+        raise UserError(f"torch {torch.__version__} is installed{why}; reroute-export needs {TORCH_RANGE}: "
                         f"pip install '{TORCH_RANGE}'")
     import transformers
 

@@ -343,7 +343,7 @@ def test_a_transformers_outside_the_supported_range_is_one_line_before_loading(c
     assert "transformers 6.0.0 is installed" in err and list(tmp_path.iterdir()) == []
 
 
-def test_a_torch_older_than_the_supported_one_is_one_line_before_loading(capsys, monkeypatch, tmp_path) -> None:
+def test_a_torch_outside_the_supported_range_is_one_line_before_loading(capsys, monkeypatch, tmp_path) -> None:
     """torch 2.6's export fixes the graphs' free token axes to the example's length (segment
     inputs `[1, '82', 64]`, not `[1, 'tokens', 64]`), and torch 2.9's refuses a segment's
     T = 1 (`guard ... size()[1] != 1`), so an export on either gives a wrong artifact or
@@ -355,15 +355,16 @@ def test_a_torch_older_than_the_supported_one_is_one_line_before_loading(capsys,
     from reroute_export.registry import TORCH_RANGE, check_versions
 
     deps = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
-    assert TORCH_RANGE == "torch>=2.11" and TORCH_RANGE in deps["dependencies"]
+    assert TORCH_RANGE == "torch>=2.7,!=2.9.*" and TORCH_RANGE in deps["dependencies"]
     check_versions()
-    for ok in ("2.11.0+cu130", "2.13.0+cpu", "2.15.0"):
+    for ok in ("2.7.0+cu126", "2.8.0", "2.10.0+cpu", "2.11.0+cu130", "2.13.0+cpu", "2.15.0.dev20270101"):
         monkeypatch.setattr(torch, "__version__", ok)
         check_versions()
-    for old in ("2.6.0+cu124", "2.9.1+cu128", "2.9.0", "1.13.1"):
-        monkeypatch.setattr(torch, "__version__", old)
+    for bad in ("2.6.0+cu124", "2.9.1+cu128", "2.9.0", "1.13.1"):
+        monkeypatch.setattr(torch, "__version__", bad)
         err = one_line_error(capsys, ["trace", "--model", "tiny-llava", "--budget", "32"])
-        assert f"torch {old} is installed; reroute-export needs torch>=2.11" in err
+        assert f"torch {bad} is installed" in err and "reroute-export needs torch>=2.7,!=2.9.*" in err
+        assert ("cannot trace the one-token decode" in err) == bad.startswith("2.9")
     err = one_line_error(capsys, ["--model", "tiny-llava", "--budget", "32", "--output", tmp_path / "out"])
     assert "torch 1.13.1 is installed" in err and list(tmp_path.iterdir()) == []
 

@@ -62,7 +62,7 @@ from .encodings import raise_to_qdq_opset
 METHOD = "modelopt-awq"
 ALGORITHM = "awq_lite"
 PACKAGE = "nvidia-modelopt"
-INSTALL = "pip install 'reroute-export[modelopt]'"
+INSTALL = "pip install 'reroute-export[modelopt]'; ModelOpt 0.47 needs torch>=2.8"
 _FLOAT_OPS = ("MatMul", "Gemm")
 
 
