@@ -125,7 +125,6 @@ def build_wheel(work: "Path") -> "Path":
     the installed setuptools meets pyproject's build requirement; an older one (a venv's
     bundled setuptools 65 against our >= 68) would fail the build, so pip then fetches one."""
     import shutil
-    import subprocess
     import sys
     import tomllib
     from pathlib import Path
@@ -135,6 +134,7 @@ def build_wheel(work: "Path") -> "Path":
     root = Path(__file__).resolve().parent.parent
     src = work / "src"
     src.mkdir()
+    # what the build reads: the project files and the folders the wheel carries (setup.py)
     litter = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.onnx", "*.onnx.data")
     for name in ("pyproject.toml", "setup.py", "README.md", "reroute_export", "graphs", "calibration"):
         if (root / name).is_dir():
@@ -143,9 +143,7 @@ def build_wheel(work: "Path") -> "Path":
             shutil.copy2(root / name, src / name)
     needs = tomllib.loads((root / "pyproject.toml").read_text())["build-system"]["requires"]
     isolation = ["--no-build-isolation"] if all(_installed_satisfies(Requirement(r)) for r in needs) else []
-    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(work / "dist"), str(src)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, f"{' '.join(argv)}\n{(out.stdout + out.stderr)[-3000:]}"
+    run_step([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(work / "dist"), str(src)])
     (wheel,) = (work / "dist").glob("reroute_export-*.whl")
     return wheel
 
@@ -157,3 +155,11 @@ def _installed_satisfies(requirement) -> bool:
         return requirement.specifier.contains(version(requirement.name), prereleases=True)
     except PackageNotFoundError:
         return False
+
+
+def run_step(argv: list[str]) -> None:
+    """One build/install step; a failure shows pip's own message, not just the exit code."""
+    import subprocess
+
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(argv)}\n{(out.stdout + out.stderr)[-3000:]}"

@@ -4,12 +4,11 @@ cannot see the source tree, and run from a folder outside it.
 `pip wheel . && pip install dist/*.whl`, in the cheapest form that is still honest: the
 build runs on a copy of the sources (conftest.build_wheel: nothing is written into the
 checkout), without build isolation where the installed setuptools is new enough (no
-network); the fresh venv gets the wheel, without
-dependencies, before it is told where the current environment's dependencies are (one
-`.pth` line naming that site-packages folder: torch is not installed twice, and since a
-`.pth` line adds a folder without running that folder's own `.pth` files, the
-checkout's editable install there stays invisible). Then `reroute-export models` and
-the README's main job run from an empty folder.
+network); the fresh venv gets the wheel, without dependencies, before it is told where
+the current environment's dependencies are (one `.pth` line naming that site-packages
+folder: torch is not installed twice, and since a `.pth` line adds a folder without
+running that folder's own `.pth` files, the checkout's editable install there stays
+invisible). Then `reroute-export models` and the README's main job run from an empty folder.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_wheel
+from conftest import build_wheel, run_step
 from test_readme import readme_blocks, shipped_input
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,23 +52,17 @@ def _site_packages(venv: Path) -> Path:
     return Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
 
 
-def _step(argv: list[str]) -> None:
-    """One build/install step; a failure shows pip's own message, not just the exit code."""
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, f"{' '.join(argv)}\n{(out.stdout + out.stderr)[-3000:]}"
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Installed:
     start = time.monotonic()
     work = tmp_path_factory.mktemp("wheel")
     wheel = build_wheel(work)
     venv = work / "venv"
-    _step([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    run_step([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     # This environment's pip installs into the fresh one, seeing only the fresh one's packages:
     # the dependencies' .pth comes after, or pip would find (and try to replace) the checkout's install.
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    _step([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)])
+    run_step([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)])
     site = _site_packages(venv)
     deps = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
     (site / "_reroute_test_deps.pth").write_text("".join(f"{d}\n" for d in deps))
