@@ -181,9 +181,9 @@ class Manifest(TypedDict, total=False):
     opset: int
     ir_version: int
     inline_functions: bool
-    shapes: dict[str, Any]  # max_prompt_tokens, max_new_tokens, visual_tokens, widths, kv_cache_lengths
+    shapes: dict[str, Any]  # prompt/new-token bounds, widths, visual_rows_per_layer, cache_tokens (M_s)
     fp32_layers: list[int]
-    graphs: dict[str, str]  # role (vision, prefill, decode) -> file name
+    graphs: dict[str, str]  # role (vision, segment.s, head.j, route.j[.bK]) -> file name
     image_grid_thw: list[int] | None
     spatial_merge_size: int | None
     image_token_id: int

@@ -129,7 +129,7 @@ def shapes(loaded: Loaded, plan: RoutingPlan, opts: ExportOptions, buckets: list
         "visual_tokens": plan.visual_tokens, "hidden_size": t.hidden_size, "num_layers": t.num_layers,
         "num_kv_heads": t.num_kv_heads, "head_dim": t.head_dim,
         "vocab_size": int(loaded.model.get_input_embeddings().num_embeddings),
-        "kv_cache_lengths": [k - plan.visual_tokens for k in plan.keep_per_layer()],  # + prompt length
+        "visual_rows_per_layer": plan.keep_per_layer(),  # layer i's KV after prefill: the text rows + these
         "cache_tokens": cache,  # each segment's fixed KV buffer
         "max_text_tokens": text,
     }

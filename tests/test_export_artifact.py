@@ -23,7 +23,7 @@ from reroute_export.export.artifact import read_manifest
 from reroute_export.export.exporter import STACK_TRACE
 from reroute_export.export.onnx_ops import DOMAIN
 from reroute_export.files import umask
-from reroute_export.preprocess import samples
+from reroute_export.preprocess import load_image, samples
 
 METHODS = ["none", "fastv", "pdrop", "reroute"]
 IMAGE, PROMPT = str(samples()[1][0]), samples()[1][1]  # the export post-check used samples()[0]
@@ -144,6 +144,25 @@ def test_fp16_artifact_agrees_with_fp32_reference(family: str, tmp_path) -> None
               f"cosine {m['logits_cosine']:.5f}, tokens {m['token_agreement']:.2f}")
         assert min(s["overlap"] for s in m["stages"]) >= 0.9
         assert m["logits_cosine"] > 0.99 and 0 <= m["token_agreement"] <= 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_manifest_shapes_are_what_the_runtime_holds(family: str) -> None:
+    """The manifest's `visual_rows_per_layer` (the plan's K per layer) and `cache_tokens` (M_s)
+    describe the KV the artifact really keeps: after prefill each stage's buffers hold the
+    prompt's text rows plus that stage's visual rows, inside its fixed buffer."""
+    from reroute_export.runtime.ort import OrtArtifact
+
+    art = OrtArtifact.load(tiny_artifact(family))
+    shapes = art.manifest["shapes"]
+    inputs = art.prepare(load_image(IMAGE), PROMPT)
+    pre = art.prefill(inputs)
+    text = inputs.input_ids.shape[1] - shapes["visual_tokens"]
+    rows = shapes["visual_rows_per_layer"]
+    assert len(rows) == shapes["num_layers"] and min(rows) > 0
+    assert pre["kv"].lengths == [text + rows[layers.start] for layers in art.plan.segments]
+    assert all(rows[i] == rows[layers.start] for layers in art.plan.segments for i in layers)  # one K per stage
+    assert all(n <= m for n, m in zip(pre["kv"].lengths, shapes["cache_tokens"]))
 
 
 def test_generate_from_artifact(capsys, tmp_path) -> None:

@@ -239,7 +239,7 @@ class ArtifactWriter:
     and a previous artifact at `output` is left byte-identical.
 
         with ArtifactWriter(out, force=True) as w:
-            onnx.save(model, w.path / "prefill.onnx")
+            onnx.save(model, w.path / "segment_0.onnx")
             w.write_manifest({...})
     """
 
