@@ -465,7 +465,8 @@ def _kv_lines(kv: dict[str, Any] | None) -> list[str]:
     if not kv:
         return []
     out = [f"KV buffers (fixed, allocated once per run; {'/'.join(kv['dtypes'])}, K and V of "
-           f"{kv['num_kv_heads']} KV heads x head dim {kv['head_dim']} per layer): {_size(kv['bytes'])}",
+           f"{kv['num_kv_heads']} KV heads x head dim {kv['head_dim']} per layer): {_size(kv['bytes'])} at M_s rows "
+           f"(TensorRT's; an ONNX Runtime run that knows its length takes its prompt + new tokens)",
            f"attention form: {kv['attention']} ({_KV_WRITER[C.kv_in_graph(kv['attention'])]})"]
     rows = [[s["segment"], _span(s["layers"]), str(s["cache_tokens"]), _size(s["bytes"])] for s in kv["segments"]]
     out.append(_table(rows, ["segment", "layers", "M_s rows", "bytes"], right=(2, 3)))

@@ -97,15 +97,17 @@ def _expected_traffic(method: str, prompt: int, buffers: list[int], elem: int) -
 
 
 def _check_traffic(records, summary, md: str) -> None:
-    """KV-cache bytes per decode step: one row per layer written into the fixed buffers, the
-    artifact's M_s rows read; the concat layout's whole-cache copy at the prompt's lengths."""
+    """KV-cache bytes per decode step: one row per layer written into the fixed buffers, all
+    their rows read (ONNX Runtime: the run's buffers, its prompt rows + the pass's tokens,
+    fewer than the artifact's M_s); the concat layout's whole-cache copy at the prompt's lengths."""
     for r in records:
         t = r["kv_traffic_per_decode_step"]
         assert t["prompt_tokens"] == r["prompt_tokens"] and t["elem_bytes"] == [4]
         if r["backend"] == "onnxruntime":
             manifest = json.loads((Path(tiny_artifact("llava", r["method"], budget=BUDGET)) / "manifest.json")
                                   .read_text())
-            assert t["buffer_rows"] == manifest["decoder"]["cache_tokens"]
+            assert t["buffer_rows"] == [p + r["decode_tokens"] + 1 for p in t["prompt_rows"]]
+            assert all(n < m for n, m in zip(t["buffer_rows"], manifest["decoder"]["cache_tokens"]))
         want = _expected_traffic(r["method"], r["prompt_tokens"], t["buffer_rows"], 4)
         assert (t["before_copy_bytes"], t["after_write_bytes"], t["after_read_bytes"]) == \
             (want["before"], want["write"], want["read"]), r["method"]

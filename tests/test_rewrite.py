@@ -175,15 +175,17 @@ def test_each_decoder_weight_is_in_exactly_one_graph(family_name: str) -> None:
 
 
 def test_decode_has_one_shape_and_writes_in_place() -> None:
-    """Every decode step feeds each segment the same shapes (T = 1, the fixed buffers) and the
-    same buffer objects; only past_length and the new row change."""
+    """Every decode step feeds each segment the same shapes (T = 1, the run's fixed buffers:
+    its prompt rows + 6, at most M_s) and the same buffer objects; only past_length and the
+    new row change."""
     art = OrtArtifact.load(tiny_artifact("llava", "reroute"), verify=False)
     inputs = sample_inputs("llava")
     with art.recording(C.segment(2)) as feeds:
         art.generate(inputs, 6)
     decode = feeds[1:]  # the first call is prefill's
     assert len(decode) == 5
-    cache = art.shapes["cache_tokens"][2]
+    cache = art.plan.cache_tokens(inputs.input_ids.shape[1], 6)[2]
+    assert cache < art.shapes["cache_tokens"][2]
     for f in decode:
         assert f[C.HIDDEN].shape[1] == 1
         assert all(f[C.past(i, kind)].shape[2] == cache for i in art.plan.segments[2] for kind in ("key", "value"))

@@ -216,7 +216,7 @@ def test_kv_buffers_are_allocated_once_and_written_in_place(root) -> None:
     art = OrtArtifact.load(folder, verify=False)
     made = []
     new_cache = art.decoder.new_cache
-    art.decoder.new_cache = lambda: made.append(new_cache()) or made[-1]
+    art.decoder.new_cache = lambda rows=None: made.append(new_cache(rows)) or made[-1]
     calls: dict[str, list] = {C.segment(s): [] for s in range(len(plan.segments))}
     for role, sink in calls.items():
         art.graphs[role] = _Spy(art.graphs[role], sink)
@@ -254,6 +254,36 @@ def test_kv_buffers_are_allocated_once_and_written_in_place(root) -> None:
     assert made == [cache]  # decoding allocated nothing new
     art.generate(_inputs("llava"), 3)
     assert len(made) == 2 and made[1] is not cache  # one new cache per run
+
+
+def test_a_run_that_says_its_length_gets_buffers_of_that_size(root) -> None:
+    """generate(n) allocates per stage the prompt's rows + n, not the artifact's M_s, and
+    decodes what the full buffers decode; the segments read every buffer row (masked), so
+    fewer rows is less work. A step past the run's size is refused before any graph runs."""
+    folder, w, plan = _built("llava", "fp32", root)
+    art = OrtArtifact.load(folder, verify=False)
+    inputs = _inputs("llava")
+    full = art.prefill(inputs)  # no count given: the artifact's M_s
+    sized = art.prefill(inputs, new_tokens=4)
+    length, sizes = inputs.input_ids.shape[1], art.manifest["shapes"]["cache_tokens"]
+    assert full["kv"].rows == sizes
+    assert sized["kv"].rows == [p + 4 for p in plan.cache_tokens(length, 0)]
+    assert all(n < m for n, m in zip(sized["kv"].rows, sizes))
+    stage = {i: s for s, layers in enumerate(plan.segments) for i in layers}
+    assert all(k.shape[2] == sized["kv"].rows[stage[i]] for i, k in enumerate(sized["kv"].keys))
+    np.testing.assert_array_equal(sized["logits"], full["logits"])
+    a, b = full, sized
+    for step in range(3):  # generate(4) decodes 3 steps after the prefill's token
+        la, _ = art.decode_step(int(np.argmax(a["logits"])), a["next_position"] + step, a["kv"])
+        lb, _ = art.decode_step(int(np.argmax(b["logits"])), b["next_position"] + step, b["kv"])
+        np.testing.assert_allclose(lb, la, rtol=0, atol=1e-5)
+        a, b = {**a, "logits": la}, {**b, "logits": lb}
+    assert art.generate(inputs, 4)[1] == _reference("llava", w, plan, inputs, 4)["ids"]
+    art.decode_step(0, b["next_position"] + 3, b["kv"])  # the 4th decode step: the last spare row
+    with pytest.raises(RuntimeError, match=r"^stage 0's KV buffer holds \d+ rows; \d+ asked \(the run's prompt"):
+        art.decode_step(0, b["next_position"] + 4, b["kv"])
+    run = art.bind(inputs, new_tokens=4)  # what a benchmark binds: the same sizes, readable before the run
+    assert run.layout.cache_tokens == sized["kv"].rows and run.prefill().kv.rows == sized["kv"].rows
 
 
 def test_generate_stops_at_eos_and_keeps_it(root) -> None:

@@ -128,7 +128,9 @@ def record_feeds(art: OrtArtifact, inputs: list[Any], roles: list[str], decode_s
     runs = {"prefill_runs": 0, "decode_steps": 0}
     with _storing(art, roles, store):
         for x in inputs:
-            pre = art.prefill(x)  # vision graph + host embedding + routed prefill
+            # vision graph + host embedding + routed prefill, KV buffers sized to this run as
+            # generate() sizes them: the decode feeds are the ones generate() gives the graphs
+            pre = art.prefill(x, steps + 1)
             runs["prefill_runs"] += 1
             logits, kv = pre["logits"], pre["kv"]
             for step in range(steps):

@@ -19,7 +19,8 @@ TensorRT engines hold each weight once; routing stays the eager engine's algorit
 (tests/test_segments.py runs these modules against routing.RoutedModel).
 
 KV cache: each layer owns a fixed buffer (1, nkv, M_s, hd) of its stage's maximum length,
-allocated once by the runtime. A segment takes its layers' buffers plus `past_length` (how
+allocated once per run by the runtime (ONNX Runtime: of the run's own length where the run
+says how many tokens it makes; the past axis P is free in the graph). A segment takes its layers' buffers plus `past_length` (how
 many rows are valid, the same for every layer of a stage) and returns only the T new rows
 (roped K, V); the runtime writes them at `past_length`. Attention reads the buffer in place:
 
@@ -27,7 +28,7 @@ many rows are valid, the same for every layer of a stage) and returns only the T
     out    = p_past V_buf + p_new v_new
 
 so no step concatenates or copies the cache, and decode has one shape (T = 1, P = M_s) for
-every step: one CUDA graph, one TensorRT profile. Prefill passes a one-row dummy buffer
+every step of a run: one CUDA graph, one TensorRT profile. Prefill passes a one-row dummy buffer
 with past_length 0 (its past part is masked out exactly: exp(min - max) = 0).
 
 GQA without copies: q is viewed as (1, nkv, g, T, hd) against the buffer's (1, nkv, 1, P, hd),

@@ -4,7 +4,8 @@ Everything outside the graphs happens here on the host, in numpy: the embedding 
 (the table ships as embed_tokens.npy, memory-mapped), writing image features into the
 image-token slots, the family's position ids; runtime/segmented.py drives the decoder's
 graphs (segments, decision heads, routing graphs: each weight in one session) and keeps
-the fixed per-layer KV buffers, allocated once per run and written in place.
+the fixed per-layer KV buffers, allocated once per run (of the run's length where it is
+known: `generate`, `bind(inputs, new_tokens)`) and written in place.
 
 Threads: ONNX Runtime's default intra-op pool, or REROUTE_EXPORT_THREADS if set.
 """
@@ -87,17 +88,20 @@ def _threads() -> int:
 
 
 def _session_options(fp16_on_cpu: bool = False) -> ort.SessionOptions:
-    """Per-session options. Each session has its own intra-op pool whose workers spin after
-    a run; a decode step runs the segment and head sessions one after another, so spinning
-    workers of the session that just ran would compete with the next one's (with 9 sessions
-    on 2 cores a decode step took 5x longer, measured): no session spins. (A process-wide
-    pool would avoid the wake-ups too, but it forces every ORT session in the process, the
-    user's own included, to use it: not a library's call to make.)
+    """Per-session options. Each session has its own intra-op pool. Its workers spin between
+    the ops of a run (a worker put to sleep pays a wake-up on every parallel op) and stop
+    spinning as the run returns: a decode step runs the segment and head sessions one after
+    another, and workers still spinning after their session's run would take the cores from
+    the next session's (left spinning, 9 sessions on 2 cores made a decode step 5x slower;
+    never spinning made it 4-22 % slower than this; bench-llava, BENCHMARKS.md). A
+    process-wide pool would avoid both, but it forces every ORT session in the process, the
+    user's own included, to use it: not a library's call to make.
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: provider-placement notes are not the user's concern
     opts.intra_op_num_threads = _threads()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     if fp16_on_cpu:
         # The CPU provider has no fp16 MatMul here: ORT wraps fp16 nodes in Casts, and any
         # graph optimisation level turns every weight's Cast into an fp32 copy at load (2x the
@@ -206,10 +210,15 @@ class _Checked:
 
 
 class OrtArtifact:
-    """An artifact folder loaded for inference: manifest, plan, preprocessor, three sessions.
-    A `runtime.base.Runtime` (bind, trace, close)."""
+    """An artifact folder loaded for inference: manifest, plan, preprocessor, one session per
+    graph. A `runtime.base.Runtime` (bind, trace, close)."""
 
     backend = "onnxruntime"
+    # The segments take any past length, so a run that says how many tokens it will generate
+    # gets buffers of its own prompt + those tokens, not the artifact's M_s: attention reads
+    # every buffer row (masked past past_length) in the portable form, so on bench-llava the
+    # default M_s (N + 512 prompt tokens + 256 new) held 5x the rows a 617-token prompt and 16 new use.
+    sized_buffers = True
     manifest: dict[str, Any]
     plan: RoutingPlan
     family: str
@@ -364,12 +373,21 @@ class OrtArtifact:
             BUCKET: np.array(c.bucket),  # host-side: which image size's routing graphs run
         }
 
-    def run_prefill(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    def buffer_rows(self, feeds: dict[str, np.ndarray], new_tokens: int | None) -> list[int] | None:
+        """The KV buffer rows per stage a run on `feeds` generating `new_tokens` gets: sized to
+        the run where the backend allows it and the count is known, else None (M_s)."""
+        if new_tokens is None or not self.sized_buffers:
+            return None
+        decoder = self.decoders[int(feeds.get(BUCKET, 0))]
+        return decoder.layout.rows_for(int(feeds[C.INPUTS_EMBEDS].shape[1]), new_tokens)
+
+    def run_prefill(self, feeds: dict[str, np.ndarray], new_tokens: int | None = None) -> dict[str, Any]:
         """The routed prefill on prepared feeds: last logits (V,), the filled KV buffers,
-        decisions, next position."""
+        decisions, next position. `new_tokens`: at most that many tokens will be generated
+        (buffers sized to the run); None: any number up to the artifact's limit."""
         decoder = self.decoders[int(feeds.get(BUCKET, 0))]
         logits, cache, decisions = decoder.prefill(feeds[C.INPUTS_EMBEDS], feeds[C.POSITION_IDS],
-                                                   int(feeds[C.VISUAL_START][0]))
+                                                   int(feeds[C.VISUAL_START][0]), self.buffer_rows(feeds, new_tokens))
         return {
             "logits": logits.reshape(-1).astype(np.float32),  # (V,)
             "kv": cache,
@@ -378,9 +396,10 @@ class OrtArtifact:
             "plan": decoder.plan,  # the input's image-size bucket's (N, K_j)
         }
 
-    def prefill(self, inputs: Inputs) -> dict[str, Any]:
-        """Vision + routed prefill: last logits (V,), per-layer KV, decisions, next position."""
-        return self.run_prefill(self.prefill_feeds(inputs))
+    def prefill(self, inputs: Inputs, new_tokens: int | None = None) -> dict[str, Any]:
+        """Vision + routed prefill: last logits (V,), per-layer KV, decisions, next position
+        (`new_tokens` as in run_prefill)."""
+        return self.run_prefill(self.prefill_feeds(inputs), new_tokens)
 
     # ------------------------------------------------------------ decoding
 
@@ -400,7 +419,7 @@ class OrtArtifact:
         limit = int(self.shapes.get("max_new_tokens", max_new_tokens))
         if not 0 <= max_new_tokens <= limit:
             raise UserError(f"max new tokens must be in 0..{limit} for this artifact, got {max_new_tokens}")
-        pre = self.prefill(inputs)
+        pre = self.prefill(inputs, max_new_tokens)
         logits, kv, ids = pre["logits"], pre["kv"], []
         for step in range(max_new_tokens):
             token = int(np.argmax(logits))  # first maximum on ties, as torch.argmax
@@ -422,9 +441,10 @@ class OrtArtifact:
 
     # ------------------------------------------------------------ runtime.base.Runtime
 
-    def bind(self, inputs: Inputs) -> "ArtifactRun":
-        """The host side of prefill done once (vision runs here): the run's calls are graphs alone."""
-        return ArtifactRun(self, inputs)
+    def bind(self, inputs: Inputs, new_tokens: int | None = None) -> "ArtifactRun":
+        """The host side of prefill done once (vision runs here): the run's calls are graphs
+        alone. `new_tokens`: the most tokens the run will generate (sizes its KV buffers)."""
+        return ArtifactRun(self, inputs, new_tokens)
 
     @property
     def providers(self) -> list[str]:
@@ -453,10 +473,14 @@ class ArtifactRun:
 
     cuda = False  # ONNX Runtime and TensorRT runs return synchronised
 
-    def __init__(self, art: OrtArtifact, inputs: Inputs) -> None:
-        self.art, self.pixel_values = art, inputs.pixel_values
+    def __init__(self, art: OrtArtifact, inputs: Inputs, new_tokens: int | None = None) -> None:
+        self.art, self.pixel_values, self.new_tokens = art, inputs.pixel_values, new_tokens
         self.feeds = art.prefill_feeds(inputs)
         self.bucket = int(self.feeds[BUCKET])
+        rows = art.buffer_rows(self.feeds, new_tokens)
+        # the decoder this run drives, with the buffer lengths it allocates (a benchmark reads them)
+        self.layout = art.decoders[self.bucket].layout if rows is None else \
+            replace(art.decoders[self.bucket].layout, cache_tokens=rows)
         self.details: dict[str, Any] = {}
 
     def sync(self) -> None:
@@ -466,7 +490,7 @@ class ArtifactRun:
         return self.art.run_vision(self.pixel_values, self.bucket)  # (N, D)
 
     def prefill(self) -> State:
-        out = self.art.run_prefill(self.feeds)
+        out = self.art.run_prefill(self.feeds, self.new_tokens)
         return State(out["logits"], out["kv"], out["decisions"], out["next_position"])
 
     def decode(self, state: State, step: int) -> State:

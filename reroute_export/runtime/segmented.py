@@ -66,25 +66,33 @@ class Layout:
     def bounds(self) -> list[range]:
         return self.plan.segments
 
+    def rows_for(self, prompt_tokens: int, new_tokens: int) -> list[int]:
+        """Per stage, the buffer rows a run of this prompt length and `new_tokens` generated
+        tokens can use (its prefill rows plus one per token), at most the artifact's M_s."""
+        need = self.plan.cache_tokens(prompt_tokens, new_tokens)
+        return [min(n, m) for n, m in zip(need, self.cache_tokens)]
+
 
 class Cache:
-    """Fixed per-layer KV buffers (1, nkv, M_s, hd) and each stage's valid length."""
+    """Fixed per-layer KV buffers (1, nkv, M_s, hd) and each stage's valid length. `rows`:
+    a run's own buffer lengths, where the backend takes any past length (default M_s)."""
 
-    def __init__(self, layout: Layout, xp: Arrays) -> None:
+    def __init__(self, layout: Layout, xp: Arrays, rows: list[int] | None = None) -> None:
         self.layout = layout
+        self.rows = list(layout.cache_tokens if rows is None else rows)
         self.keys, self.values = [], []
         for s, layers in enumerate(layout.bounds):
             for i in layers:
-                shape = (1, layout.num_kv_heads, layout.cache_tokens[s], layout.head_dim)
+                shape = (1, layout.num_kv_heads, self.rows[s], layout.head_dim)
                 self.keys.append(xp.zeros(shape, layout.kv_dtypes[i]))
                 self.values.append(xp.zeros(shape, layout.kv_dtypes[i]))
         self.lengths = [0] * len(layout.bounds)
 
     def room(self, s: int, t: int) -> None:
         """Refuse t more rows than stage s's buffers hold (before a graph would write them)."""
-        if self.lengths[s] + t > self.layout.cache_tokens[s]:
-            raise RuntimeError(f"stage {s}'s KV buffer holds {self.layout.cache_tokens[s]} rows; "
-                               f"{self.lengths[s] + t} asked (the artifact's max prompt + new tokens)")
+        if self.lengths[s] + t > self.rows[s]:
+            raise RuntimeError(f"stage {s}'s KV buffer holds {self.rows[s]} rows; "
+                               f"{self.lengths[s] + t} asked (the run's prompt + new tokens)")
 
     def write(self, s: int, out: dict[str, Any], t: int) -> None:
         """Stage s's segment returned t new rows per layer: put them at its current length.
@@ -118,8 +126,8 @@ class Decoder:
         self.route_role = route_role  # decision j -> the routing graph for this input's bucket
         self._dummy: dict[int, tuple[Any, Any]] = {}
 
-    def new_cache(self) -> Cache:
-        return Cache(self.layout, self.xp)
+    def new_cache(self, rows: list[int] | None = None) -> Cache:
+        return Cache(self.layout, self.xp, rows)
 
     def _past(self, s: int, cache: Cache | None) -> dict[str, Any]:
         """Stage s's buffers (decode), or a one-row dummy with past_length 0 (prefill)."""
@@ -144,10 +152,12 @@ class Decoder:
         cache.write(s, out, t)
         return out
 
-    def prefill(self, embeds: Any, positions: Any, visual_start: int) -> tuple[Any, Cache, list[Any]]:
-        """Routed prefill: (last logits (1, V), the filled cache, decisions per stage (1, K_j))."""
+    def prefill(self, embeds: Any, positions: Any, visual_start: int,
+                rows: list[int] | None = None) -> tuple[Any, Cache, list[Any]]:
+        """Routed prefill: (last logits (1, V), the filled cache, decisions per stage (1, K_j)).
+        `rows`: the cache's buffer lengths (Layout.rows_for), else the artifact's M_s."""
         plan, xp = self.plan, self.xp
-        cache = self.new_cache()
+        cache = self.new_cache(rows)
         vs = xp.index([visual_start])
         out = self._segment(0, {C.HIDDEN: embeds, C.POSITION_IDS: positions}, cache, True)
         full = xp.copy(embeds) if plan.recoverable else None  # H: the write-back buffer

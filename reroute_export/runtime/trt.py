@@ -228,6 +228,7 @@ class TrtArtifact(OrtArtifact):
     (load, prepare, prefill, decode_step, generate, trace; bind for runtime.base.Runtime)."""
 
     backend = "tensorrt"
+    sized_buffers = False  # each segment engine's decode profile takes exactly P = M_s (build/trt.py)
     keepalive: tuple[Any, ...] = ()  # TensorRT's runtime and logger: engines must not outlive them
 
     def __init__(self, folder: Path, manifest: dict[str, Any], graphs: dict[str, Any], embed_tokens: np.ndarray,
