@@ -20,9 +20,10 @@ TensorRT engines hold each weight once; routing stays the eager engine's algorit
 
 KV cache: each layer owns a fixed buffer (1, nkv, M_s, hd) of its stage's maximum length,
 allocated once per run by the runtime (ONNX Runtime: of the run's own length where the run
-says how many tokens it makes; the past axis P is free in the graph). A segment takes its layers' buffers plus `past_length` (how
-many rows are valid, the same for every layer of a stage) and returns only the T new rows
-(roped K, V); the runtime writes them at `past_length`. Attention reads the buffer in place:
+says how many tokens it makes; the past axis P is free in the graph). A segment takes its
+layers' buffers plus `past_length` (how many rows are valid, the same for every layer of a
+stage) and returns only the T new rows (roped K, V); the runtime writes them at
+`past_length`. Attention reads the buffer in place:
 
     scores = [q K_buf^T (masked beyond past_length) | q k_new^T (causal)] -> softmax
     out    = p_past V_buf + p_new v_new

@@ -477,10 +477,9 @@ class ArtifactRun:
         self.art, self.pixel_values, self.new_tokens = art, inputs.pixel_values, new_tokens
         self.feeds = art.prefill_feeds(inputs)
         self.bucket = int(self.feeds[BUCKET])
-        rows = art.buffer_rows(self.feeds, new_tokens)
-        # the decoder this run drives, with the buffer lengths it allocates (a benchmark reads them)
-        self.layout = art.decoders[self.bucket].layout if rows is None else \
-            replace(art.decoders[self.bucket].layout, cache_tokens=rows)
+        # the decoder's layout with the buffer lengths this run allocates (a benchmark reads them)
+        layout = art.decoders[self.bucket].layout
+        self.layout = replace(layout, cache_tokens=art.buffer_rows(self.feeds, new_tokens) or layout.cache_tokens)
         self.details: dict[str, Any] = {}
 
     def sync(self) -> None:
